@@ -1,0 +1,101 @@
+//! SFT examples as token ids with a loss mask, and right-padded batches of them.
+
+use crate::{ChatTokenizer, SftExample};
+
+/// One tokenized SFT example, truncated to `max_len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedExample {
+    /// Token ids, (T,).
+    pub ids: Vec<u32>,
+    /// (T,): true where the model should learn to predict this token.
+    pub loss_mask: Vec<bool>,
+}
+
+/// Encodes an SFT conversation with the chat template and keeps its first `max_len` tokens.
+pub fn tokenize_sft(tok: &ChatTokenizer, ex: &SftExample, max_len: usize) -> TokenizedExample {
+    let (mut ids, mut loss_mask) = tok.encode_chat(&ex.messages, false);
+    ids.truncate(max_len);
+    loss_mask.truncate(max_len);
+    TokenizedExample { ids, loss_mask }
+}
+
+/// A right-padded batch; every field is row-major (B, T) with B = `batch`, T = `len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftBatch {
+    /// B, the number of rows.
+    pub batch: usize,
+    /// T, the longest example; shorter rows are padded on the right.
+    pub len: usize,
+    /// (B, T) token ids, `pad_id` after each row's end.
+    pub ids: Vec<i64>,
+    /// (B, T) true on real tokens, false on padding.
+    pub attention: Vec<bool>,
+    /// (B, T) next-token targets: `targets[b, t] = ids[b, t + 1]`, `pad_id` at t = T - 1.
+    pub targets: Vec<i64>,
+    /// (B, T) true where `targets[b, t]` is a real token whose loss mask is set.
+    pub target_mask: Vec<bool>,
+}
+
+/// Pads `examples` on the right with `pad_id` to the longest one and shifts ids into
+/// next-token targets. The loss is `sum(ce(logits, targets) * target_mask) / sum(target_mask)`.
+pub fn pad_batch(examples: &[&TokenizedExample], pad_id: u32) -> SftBatch {
+    let batch = examples.len();
+    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    let pad = pad_id as i64;
+    let mut ids = vec![pad; batch * len];
+    let mut attention = vec![false; batch * len];
+    let mut targets = vec![pad; batch * len];
+    let mut target_mask = vec![false; batch * len];
+    for (b, ex) in examples.iter().enumerate() {
+        assert_eq!(ex.ids.len(), ex.loss_mask.len(), "ids and loss_mask lengths differ");
+        let row = b * len;
+        for (t, &id) in ex.ids.iter().enumerate() {
+            ids[row + t] = id as i64;
+            attention[row + t] = true;
+            if t > 0 {
+                targets[row + t - 1] = id as i64;
+                target_mask[row + t - 1] = ex.loss_mask[t];
+            }
+        }
+    }
+    SftBatch { batch, len, ids, attention, targets, target_mask }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], mask: &[u8]) -> TokenizedExample {
+        TokenizedExample { ids: ids.to_vec(), loss_mask: mask.iter().map(|m| *m == 1).collect() }
+    }
+
+    #[test]
+    fn targets_and_mask_are_shifted_by_one_and_padded() {
+        // Row 0: prompt 10 11, answer 12 13 (EOS); row 1: prompt 20, answer 21.
+        let a = ex(&[10, 11, 12, 13], &[0, 0, 1, 1]);
+        let b = ex(&[20, 21], &[0, 1]);
+        let got = pad_batch(&[&a, &b], 0);
+        assert_eq!((got.batch, got.len), (2, 4));
+        assert_eq!(got.ids, vec![10, 11, 12, 13, 20, 21, 0, 0]);
+        assert_eq!(got.attention, vec![true, true, true, true, true, true, false, false]);
+        assert_eq!(got.targets, vec![11, 12, 13, 0, 21, 0, 0, 0]);
+        assert_eq!(got.target_mask, vec![false, true, true, false, true, false, false, false]);
+    }
+
+    #[test]
+    fn empty_batch() {
+        let got = pad_batch(&[], 0);
+        assert_eq!((got.batch, got.len, got.ids.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn tokenize_sft_truncates() {
+        let tok = crate::train_bpe(&["Compute 1 + 2.".to_string()], 300).unwrap();
+        let ex = crate::task::sft_example(&crate::generate(&Default::default(), 1, 1)[0]);
+        let full = tokenize_sft(&tok, &ex, usize::MAX);
+        let cut = tokenize_sft(&tok, &ex, 10);
+        assert_eq!(cut.ids, full.ids[..10]);
+        assert_eq!(cut.loss_mask, full.loss_mask[..10]);
+        assert_eq!(full.ids.len(), tok.encode_chat(&ex.messages, false).0.len());
+    }
+}

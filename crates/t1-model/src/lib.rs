@@ -1,0 +1,37 @@
+//! The Qwen2 / Qwen2.5 model of t1: its Hugging Face config, the decoder (generic over the
+//! burn backend, with a KV cache) and checkpoint I/O in the Hugging Face layout.
+//!
+//! **Architecture invariant:** this crate names no concrete backend.
+
+mod config;
+pub mod hf;
+mod model;
+
+pub use config::Qwen2Config;
+pub use hf::{load, save, SaveOptions, WeightDtype};
+pub use model::{Inputs, KvCache, Qwen2};
+
+use std::path::{Path, PathBuf};
+
+/// Errors of model loading and saving; each says which file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot access {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid model config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json (a Hugging Face checkpoint directory)")]
+    NoWeights { dir: PathBuf },
+    #[error("corrupt checkpoint file {path}: {message}; re-save or re-download it")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("checkpoint {dir} does not match its config.json: {message}")]
+    Mismatch { dir: PathBuf, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}

@@ -1,0 +1,375 @@
+//! The Qwen2 / Qwen2.5 decoder (`Qwen2ForCausalLM`), generic over the burn backend.
+//!
+//! Reads like the HF config: token embedding → `num_hidden_layers` × (RMSNorm → grouped-query
+//! attention with rotary embeddings, q/k/v bias and no o_proj bias → residual → RMSNorm →
+//! SwiGLU MLP → residual) → RMSNorm → `lm_head` (tied to the embedding or not).
+//! Field names are the checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj.weight`),
+//! so loading in `hf.rs` is a mapping one can read.
+//!
+//! Masks and rotary tables are computed on the host from the padding mask ([`Inputs`]), so
+//! the same code serves full forward passes, left/right padded batches and KV-cache decoding.
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+
+use crate::Qwen2Config;
+
+/// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
+/// query) gives a uniform distribution instead of NaN.
+const MASKED: f32 = -1e9;
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    /// Qwen2's quirk: no bias on the output projection.
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// `Qwen2ForCausalLM`. `lm_head` is `None` when the embeddings are tied.
+#[derive(Module, Debug)]
+pub struct Qwen2<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Option<Linear<B>>,
+    pub rope_theta: f64,
+}
+
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the given batch rows (e.g. after some sequences finished).
+    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.clone().select(0, rows.clone());
+            *v = v.clone().select(0, rows.clone());
+        }
+    }
+}
+
+/// Host-side inputs of one forward call: ids, rotary positions and the attention bias.
+///
+/// Positions count real tokens only (`cumsum(mask) - 1`), so a left-padded row gets the same
+/// positions, hence the same logits, as the unpadded sequence.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub batch: usize,
+    /// New tokens in this call.
+    pub len: usize,
+    /// Cached tokens before this call.
+    pub past: usize,
+    /// `[batch * len]` token ids.
+    pub ids: Vec<i64>,
+    /// `[batch * len]` rotary position of each new token.
+    pub positions: Vec<i64>,
+    /// `[batch * (past + len)]` whether each key is a real token.
+    pub key_mask: Vec<bool>,
+}
+
+impl Inputs {
+    /// A full (uncached) forward over `ids` `[batch, len]` with `mask` `[batch, len]`
+    /// (true = real token; padding may be on either side).
+    pub fn new(batch: usize, len: usize, ids: Vec<i64>, mask: Vec<bool>) -> Self {
+        assert_eq!(ids.len(), batch * len, "ids must hold batch * len values");
+        assert_eq!(mask.len(), batch * len, "mask must hold batch * len values");
+        let mut positions = vec![0; batch * len];
+        for b in 0..batch {
+            let mut seen = 0i64;
+            for t in 0..len {
+                // padding gets the position of the nearest real token; it is masked anyway
+                positions[b * len + t] = seen;
+                if mask[b * len + t] {
+                    seen += 1;
+                }
+            }
+        }
+        Self { batch, len, past: 0, ids, positions, key_mask: mask }
+    }
+
+    /// Unpadded sequences of equal length.
+    pub fn dense(batch: usize, len: usize, ids: Vec<i64>) -> Self {
+        Self::new(batch, len, ids, vec![true; batch * len])
+    }
+
+    /// One decoding step after `past` cached positions: `ids` `[batch]`, `positions` `[batch]`,
+    /// `key_mask` `[batch, past + 1]`.
+    pub fn step(ids: Vec<i64>, positions: Vec<i64>, key_mask: Vec<bool>) -> Self {
+        let batch = ids.len();
+        let past = key_mask.len() / batch - 1;
+        Self { batch, len: 1, past, ids, positions, key_mask }
+    }
+}
+
+impl<B: Backend> Qwen2<B> {
+    /// A randomly initialised model (normal(0, `initializer_range`) weights, zero biases,
+    /// unit norms), as transformers' `_init_weights` does.
+    pub fn init(config: &Qwen2Config, device: &B::Device) -> Self {
+        let std = config.initializer_range;
+        let linear = |i: usize, o: usize, bias: bool| Linear {
+            weight: Param::from_tensor(Tensor::random([i, o], Distribution::Normal(0.0, std), device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([o], device))),
+        };
+        let norm = |d: usize| RmsNorm {
+            gamma: Param::from_tensor(Tensor::ones([d], device)),
+            epsilon: config.rms_norm_eps,
+        };
+        let (h, d) = (config.hidden_size, config.head_dim());
+        let (q, kv) = (config.num_attention_heads * d, config.num_key_value_heads * d);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                input_layernorm: norm(h),
+                self_attn: Attention {
+                    q_proj: linear(h, q, true),
+                    k_proj: linear(h, kv, true),
+                    v_proj: linear(h, kv, true),
+                    o_proj: linear(q, h, false),
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: d,
+                },
+                post_attention_layernorm: norm(h),
+                mlp: Mlp {
+                    gate_proj: linear(h, config.intermediate_size, false),
+                    up_proj: linear(h, config.intermediate_size, false),
+                    down_proj: linear(config.intermediate_size, h, false),
+                },
+            })
+            .collect();
+        Self {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(Tensor::random(
+                    [config.vocab_size, h],
+                    Distribution::Normal(0.0, std),
+                    device,
+                )),
+            },
+            layers,
+            norm: norm(h),
+            lm_head: (!config.tie_word_embeddings).then(|| linear(h, config.vocab_size, false)),
+            rope_theta: config.rope_theta(),
+        }
+        .with_stable_param_ids()
+    }
+
+    /// Numbers the parameters 0, 1, 2... in module order. Optimiser state is keyed by
+    /// parameter id, so stable ids let a resumed run match its saved AdamW moments.
+    pub fn with_stable_param_ids(self) -> Self {
+        struct Renumber(u64);
+        impl<B: Backend> ModuleMapper<B> for Renumber {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                let (_, tensor, mapper) = param.consume();
+                self.0 += 1;
+                Param::from_mapped_value(ParamId::from(self.0 - 1), tensor, mapper)
+            }
+        }
+        self.map(&mut Renumber(0))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.weight.dims()[0]
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Float dtype of the weights (F32 or BF16); activations follow it.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.weight.val().dtype()
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.device()
+    }
+
+    /// Logits of every new position.
+    ///
+    /// # Shapes
+    /// - returns `[batch, len, vocab_size]`
+    pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let hidden = self.forward_hidden(inputs, cache);
+        self.lm_head(hidden)
+    }
+
+    /// Final hidden states (after the last RMSNorm), `[batch, len, hidden_size]`.
+    pub fn forward_hidden(&self, inputs: &Inputs, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let device = self.device();
+        let dtype = self.dtype();
+        let (b, t) = (inputs.batch, inputs.len);
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        assert_eq!(past, inputs.past, "inputs were built for {} cached positions, the cache has {past}", inputs.past);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.ids.clone(), [b, t]), &device);
+        let rope = self.rope_tables(inputs, &device, dtype);
+        let bias = attention_bias::<B>(inputs, &device, dtype);
+
+        let mut x = self.embed_tokens.forward(ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &rope, bias.clone(), layer_cache);
+        }
+        self.norm.forward(x)
+    }
+
+    /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
+    pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// cos and sin of the rotary angles, each `[batch, 1, len, head_dim]`, computed in f32 the
+    /// way transformers does (`inv_freq = 1 / theta^(2i/d)`, angles = position * inv_freq).
+    fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let d = self.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
+        let half = d / 2;
+        let theta = self.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let n = inputs.batch * inputs.len;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+        for &p in &inputs.positions {
+            for _half in 0..2 {
+                for f in &inv_freq {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = [inputs.batch, 1, inputs.len, d];
+        (
+            Tensor::<B, 4>::from_data(TensorData::new(cos, shape), (device, DType::F32)).cast(dtype),
+            Tensor::<B, 4>::from_data(TensorData::new(sin, shape), (device, DType::F32)).cast(dtype),
+        )
+    }
+}
+
+/// Additive attention bias `[batch, 1, len, past + len]`: 0 where query i may attend key j
+/// (causal, j ≤ past + i, and j is a real token), [`MASKED`] elsewhere.
+fn attention_bias<B: Backend>(inputs: &Inputs, device: &B::Device, dtype: DType) -> Tensor<B, 4> {
+    let (b, t, past) = (inputs.batch, inputs.len, inputs.past);
+    let s = past + t;
+    let mut bias = vec![MASKED; b * t * s];
+    for row in 0..b {
+        for i in 0..t {
+            for j in 0..=past + i {
+                if inputs.key_mask[row * s + j] {
+                    bias[(row * t + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::<B, 4>::from_data(TensorData::new(bias, [b, 1, t, s]), (device, DType::F32)).cast(dtype)
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        bias: Tensor<B, 4>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    /// Grouped-query attention with rotate-half rotary embeddings.
+    ///
+    /// # Shapes
+    /// - x: `[batch, len, hidden]`, bias: `[batch, 1, len, past + len]`
+    /// - returns `[batch, len, hidden]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>),
+        bias: Tensor<B, 4>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = rotate(heads(self.q_proj.forward(x.clone()), h), cos, sin);
+        let mut k = rotate(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
+        let mut v = heads(self.v_proj.forward(x), kvh);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt()) + bias;
+        let attn = softmax(scores, 3).matmul(v); // [b, h, t, d]
+        self.o_proj.forward(attn.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// Rotate-half RoPE (HF layout): `x * cos + rotate_half(x) * sin`, `x` `[batch, heads, len, d]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, n, t, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..n, 0..t, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..n, 0..t, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// `[batch, kv_heads, s, d]` → `[batch, kv_heads * rep, s, d]`, each kv head repeated `rep` times.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, s, d]).reshape([b, kvh * rep, s, d])
+}

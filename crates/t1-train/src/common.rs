@@ -1,0 +1,223 @@
+//! What the SFT and RL loops share: the learning-rate schedule, global-norm gradient clipping,
+//! metrics JSONL, progress bars, and checkpoints with everything a resumed run needs.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+use t1_data::ChatTokenizer;
+use t1_model::{Qwen2, Qwen2Config, SaveOptions};
+
+use crate::TrainError;
+
+/// Linear warmup to `peak` over `warmup` steps, then cosine decay to `peak * min_ratio` at `total`.
+pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    let min = peak * min_ratio;
+    min + (peak - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`; burn's own clipping is per parameter). Returns the norm before clipping,
+/// which is NaN or infinite when a gradient is: the caller then skips the step.
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    mut grads: GradientsParams,
+    max_norm: f32,
+) -> (GradientsParams, f32) {
+    struct Ids(Vec<(ParamId, usize)>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.id, D));
+        }
+    }
+    let mut ids = Ids(vec![]);
+    model.visit(&mut ids);
+    let mut squares: Vec<Tensor<B::InnerBackend, 1>> = vec![];
+    for &(id, d) in &ids.0 {
+        let sq = match d {
+            1 => grads.get::<B::InnerBackend, 1>(id).map(|g| g.powf_scalar(2.0).sum()),
+            2 => grads.get::<B::InnerBackend, 2>(id).map(|g| g.powf_scalar(2.0).sum()),
+            _ => None,
+        };
+        squares.extend(sq);
+    }
+    if squares.is_empty() {
+        return (grads, 0.0);
+    }
+    let norm = Tensor::cat(squares, 0).sum().sqrt().into_scalar().to_string().parse::<f32>().unwrap_or(f32::NAN);
+    if norm.is_finite() && max_norm > 0.0 && norm > max_norm {
+        let scale = (max_norm / (norm + 1e-6)) as f64;
+        for &(id, d) in &ids.0 {
+            match d {
+                1 => {
+                    if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
+                        grads.register(id, g.mul_scalar(scale));
+                    }
+                }
+                2 => {
+                    if let Some(g) = grads.remove::<B::InnerBackend, 2>(id) {
+                        grads.register(id, g.mul_scalar(scale));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (grads, norm)
+}
+
+/// Appends one JSON object per line and flushes it, so a killed run keeps its metrics.
+pub struct Metrics {
+    file: File,
+}
+
+impl Metrics {
+    pub fn open(path: &Path, append: bool) -> Result<Self, TrainError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .map_err(|e| TrainError::io(path, e))?;
+        Ok(Self { file })
+    }
+
+    pub fn log(&mut self, value: &serde_json::Value) {
+        // metrics are best effort: a full disk must not kill the run before its checkpoint
+        let _ = writeln!(self.file, "{value}").and_then(|_| self.file.flush());
+    }
+}
+
+/// A progress bar with a message slot (hidden when stderr is not a terminal).
+pub fn progress(total: usize, start: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"
+        ))
+        .expect("valid template"),
+    );
+    bar.set_position(start as u64);
+    bar
+}
+
+/// Where a run is, saved in every checkpoint as `trainer_state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Data cursor: epoch and the next batch index within it (SFT), or prompts consumed (RL).
+    pub epoch: usize,
+    pub cursor: usize,
+    /// Steps skipped because of a non-finite loss or gradient.
+    pub skipped_steps: usize,
+    /// RNG state for sampling (RL): the seed of the stream and how many words were drawn.
+    pub rng_seed: u64,
+    pub rng_word_pos: u128,
+}
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer";
+pub const RUN_CONFIG_FILE: &str = "run_config.toml";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Writes `out_dir/checkpoint-{step}`: the model (HF layout), tokenizer, optimiser state,
+/// trainer state and resolved run config. The directory is written under a temporary name
+/// and renamed when complete, so a crash leaves the previous checkpoint intact; only the
+/// newest `keep` checkpoints are kept.
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B>>(
+    out_dir: &Path,
+    model: &Qwen2<B>,
+    config: &Qwen2Config,
+    tokenizer: &ChatTokenizer,
+    optim: &O,
+    state: &TrainerState,
+    run_config: &str,
+    extra: &[(&str, &Qwen2<B::InnerBackend>)],
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = out_dir.join(format!("checkpoint-{:06}", state.step));
+    let tmp = out_dir.join(format!(".checkpoint-{:06}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    t1_model::save(&model.valid(), config, &tmp, &SaveOptions::default())?;
+    for (name, m) in extra {
+        t1_model::save(m, config, &tmp.join(name), &SaveOptions::default())?;
+    }
+    tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    BinFileRecorder::<FullPrecisionSettings>::new()
+        .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
+        .map_err(|e| TrainError::Checkpoint { path: tmp.clone(), message: e.to_string() })?;
+    std::fs::write(tmp.join(RUN_CONFIG_FILE), run_config).map_err(|e| TrainError::io(&tmp, e))?;
+    // the state file is written last: its presence marks a complete checkpoint
+    t1_model::hf::write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state).expect("json").as_bytes())?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    if let Ok(f) = File::open(out_dir) {
+        let _ = f.sync_all();
+    }
+    let all = list_checkpoints(out_dir);
+    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list_checkpoints(out_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(STATE_FILE).exists().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Reads the trainer state and optimiser record of a checkpoint into `optim`.
+pub fn load_resume_state<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B>>(
+    dir: &Path,
+    optim: O,
+    device: &B::Device,
+) -> Result<(O, TrainerState), TrainError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Checkpoint { path: path.clone(), message: e.to_string() })?;
+    let record = BinFileRecorder::<FullPrecisionSettings>::new()
+        .load(dir.join(OPTIMIZER_FILE), device)
+        .map_err(|e| TrainError::Checkpoint { path: dir.join(OPTIMIZER_FILE), message: e.to_string() })?;
+    Ok((optim.load_record(record), state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine() {
+        assert!((lr_at(0, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 100, 10, 1.0, 0.1) - 1.0).abs() < 1e-12);
+        assert!((lr_at(10, 100, 10, 1.0, 0.1) - 1.0).abs() < 1e-12);
+        assert!((lr_at(55, 100, 10, 1.0, 0.1) - 0.55).abs() < 1e-9); // half way: (1 + 0.1) / 2
+        assert!((lr_at(100, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,86 @@
+//! Strict TOML run configs: a file, then `--set section.key=value` overrides, then typed
+//! deserialisation where unknown keys and bad values are errors that name the key.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::TrainError;
+
+/// Reads `path` (or the defaults when `None`), applies `sets` (`a.b=value`, value parsed as a
+/// TOML literal, else taken as a string), validates the types, and returns the config and its
+/// resolved TOML text (saved next to every checkpoint).
+pub fn load_config<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, sets: &[String]) -> Result<(T, String), TrainError> {
+    let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "the defaults".into());
+    let mut doc: toml::Table = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?;
+            toml::from_str(&text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.to_string() })?
+        }
+        None => toml::Table::new(),
+    };
+    // check the file alone first, so that its errors point at its own lines
+    let text = toml::to_string(&doc).expect("toml");
+    toml::from_str::<T>(&text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.message().to_string() })?;
+    for set in sets {
+        apply_set(&mut doc, set)?;
+    }
+    let text = toml::to_string(&doc).expect("toml");
+    let config: T = toml::from_str(&text).map_err(|e| TrainError::Config {
+        origin: format!("{origin} with --set {}", sets.join(" --set ")),
+        message: e.message().to_string(),
+    })?;
+    let resolved = toml::to_string(&config).expect("toml");
+    Ok((config, resolved))
+}
+
+/// Applies one `a.b.c=value` override to a TOML table.
+pub fn apply_set(doc: &mut toml::Table, set: &str) -> Result<(), TrainError> {
+    let bad = |message: String| TrainError::Config { origin: format!("--set {set}"), message };
+    let (key, raw) = set.split_once('=').ok_or_else(|| bad("expected key=value, e.g. --set train.lr=1e-4".into()))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(bad(format!("bad key {key:?}")));
+    }
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut table = doc;
+    for part in &path[..path.len() - 1] {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| bad(format!("{part} is not a section")))?;
+    }
+    table.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Train {
+        lr: f64,
+        steps: usize,
+    }
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Run {
+        train: Train,
+        name: String,
+    }
+
+    #[test]
+    fn sets_override_and_unknown_keys_are_named() {
+        let (c, _) = load_config::<Run>(None, &["train.lr=0.5".into(), "name=abc".into()]).unwrap();
+        assert_eq!(c, Run { train: Train { lr: 0.5, steps: 0 }, name: "abc".into() });
+        let err = load_config::<Run>(None, &["train.lrr=0.5".into()]).unwrap_err().to_string();
+        assert!(err.contains("lrr") && err.contains("--set"), "{err}");
+        let err = load_config::<Run>(None, &["train.steps=-3".into()]).unwrap_err().to_string();
+        assert!(err.contains("steps") || err.contains("invalid"), "{err}");
+    }
+}

@@ -1,0 +1,215 @@
+//! Rollouts in the same engine as training: batched sampling with the KV cache.
+//!
+//! Prompts are left-padded and prefilled once; each step feeds one token per sequence, the
+//! last logits come to the host, and a token is drawn with temperature, top-k and top-p from a
+//! seeded ChaCha RNG (reproducible on CPU). For every sampled token we record its
+//! log-probability under the temperature-scaled distribution, log softmax(logits / T), which is
+//! what the RL trainer recomputes, so the gap between the two measures engine agreement.
+
+use burn::tensor::backend::Backend;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use t1_model::{Inputs, KvCache, Qwen2};
+
+/// How tokens are drawn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off).
+    pub top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Generation stops after this many new tokens (the response is then `truncated`).
+    pub max_new_tokens: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256 }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.max_new_tokens == 0 {
+            return Err("max_new_tokens must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// One sampled response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    /// New tokens, including the final EOS when one was produced.
+    pub tokens: Vec<u32>,
+    /// log π(token) under the temperature-scaled distribution, one per token.
+    pub logprobs: Vec<f32>,
+    /// True when `max_new_tokens` was reached without EOS.
+    pub truncated: bool,
+}
+
+/// Samples one response per prompt (prompts may differ in length).
+pub fn generate<B: Backend>(
+    model: &Qwen2<B>,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    eos: &[u32],
+    pad: u32,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Rollout> {
+    let b = prompts.len();
+    if b == 0 {
+        return vec![];
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    // left padding: every prompt ends at the same column, so the next token column is shared
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width);
+    for p in prompts {
+        let pad_len = width - p.len();
+        ids.extend(std::iter::repeat_n(pad as i64, pad_len).chain(p.iter().map(|&t| t as i64)));
+        mask.extend((0..width).map(|i| i >= pad_len));
+    }
+    let mut key_mask: Vec<Vec<bool>> = mask.chunks(width).map(|c| c.to_vec()).collect();
+    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut cache = KvCache::new(model.num_layers());
+    let vocab = model.vocab_size();
+    let logits = model.forward(&Inputs::new(b, width, ids, mask), Some(&mut cache));
+    let mut last = last_logits(logits, vocab);
+
+    let mut out: Vec<Rollout> = (0..b).map(|_| Rollout { tokens: vec![], logprobs: vec![], truncated: false }).collect();
+    let mut done = vec![false; b];
+    for step in 0..cfg.max_new_tokens {
+        let mut step_ids = Vec::with_capacity(b);
+        for row in 0..b {
+            if done[row] {
+                step_ids.push(pad as i64);
+                key_mask[row].push(false);
+                continue;
+            }
+            let (tok, lp) = sample(&last[row * vocab..(row + 1) * vocab], cfg, rng);
+            out[row].tokens.push(tok);
+            out[row].logprobs.push(lp);
+            if eos.contains(&tok) {
+                done[row] = true;
+            }
+            step_ids.push(tok as i64);
+            key_mask[row].push(true);
+        }
+        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        let positions = next_pos.clone();
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+        let inputs = Inputs::step(step_ids, positions, key_mask.concat());
+        last = last_logits(model.forward(&inputs, Some(&mut cache)), vocab);
+    }
+    for (r, d) in out.iter_mut().zip(&done) {
+        r.truncated = !d;
+    }
+    out
+}
+
+/// Logits of the last position of every row, on the host: `[batch, T, V]` → `[batch * V]`.
+fn last_logits<B: Backend>(logits: burn::tensor::Tensor<B, 3>, vocab: usize) -> Vec<f32> {
+    let [b, t, _] = logits.dims();
+    let last = logits.slice([0..b, t - 1..t, 0..vocab]);
+    last.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits")
+}
+
+/// Draws one token from `logits` `[V]`; returns it and its log-probability under
+/// softmax(logits / T) (under softmax(logits) for greedy decoding).
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u32, f32) {
+    let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
+    let scaled: Vec<f32> = logits.iter().map(|l| l / t).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + scaled.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let logprob = |i: usize| scaled[i] - log_z;
+    if cfg.temperature == 0.0 {
+        let best = argmax(&scaled);
+        return (best as u32, logprob(best));
+    }
+    // candidates sorted by probability, cut by top-k then top-p
+    let mut order: Vec<usize> = (0..scaled.len()).collect();
+    order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    if cfg.top_k > 0 {
+        order.truncate(cfg.top_k);
+    }
+    let probs: Vec<f32> = order.iter().map(|&i| logprob(i).exp()).collect();
+    let mut keep = probs.len();
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= cfg.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+    }
+    let total: f32 = probs[..keep].iter().sum();
+    let mut u = rng.random::<f32>() * total;
+    for (n, p) in probs[..keep].iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return (order[n] as u32, logprob(order[n]));
+        }
+    }
+    let last = order[keep - 1];
+    (last as u32, logprob(last))
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter().enumerate().fold(0, |best, (i, v)| if *v > x[best] { i } else { best })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_its_logprob() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let (tok, lp) = sample(&[0.0, 3f32.ln()], &SamplingConfig::greedy(1), &mut rng);
+        assert_eq!(tok, 1);
+        assert!((lp - 0.75f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_frequencies_follow_the_temperature() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let cfg = SamplingConfig { temperature: 1.0, top_k: 1, ..Default::default() };
+        assert!((0..50).all(|_| sample(&[0.0, 1.0, 0.5], &cfg, &mut rng).0 == 1));
+        // p = [1/4, 3/4] at T = 1; at T = 2 logits halve
+        let cfg = SamplingConfig { temperature: 2.0, ..Default::default() };
+        let logits = [0.0, 2.0 * 3f32.ln()];
+        let n = 20000;
+        let ones = (0..n).filter(|_| sample(&logits, &cfg, &mut rng).0 == 1).count();
+        assert!((ones as f32 / n as f32 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn top_p_drops_the_tail() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        // p ≈ [0.665, 0.245, 0.09]: top_p 0.6 keeps only the first
+        let cfg = SamplingConfig { temperature: 1.0, top_p: 0.6, ..Default::default() };
+        assert!((0..200).all(|_| sample(&[2.0, 1.0, 0.0], &cfg, &mut rng).0 == 0));
+    }
+}

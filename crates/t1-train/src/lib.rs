@@ -1,0 +1,63 @@
+//! The training loops of T1: [`sft`] (stage 1) and [`rl`] (stage 2), the rollout sampler
+//! [`generate`], and what they share ([`common`]: schedule, clipping, metrics, checkpoints).
+
+pub mod common;
+pub mod config;
+pub mod generate;
+pub mod sft;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use t1_data::{ChatTokenizer, Problem};
+use t1_model::Qwen2;
+
+pub use config::load_config;
+pub use generate::{generate, Rollout, SamplingConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("cannot access {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("bad config ({origin}): {message}")]
+    Config { origin: String, message: String },
+    #[error(transparent)]
+    Model(#[from] t1_model::ModelError),
+    #[error(transparent)]
+    Data(#[from] t1_data::DataError),
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{steps} steps in a row had a non-finite loss or gradient; stopped. The last good checkpoint in {out_dir} is intact: lower optim.lr or check the data, then --resume")]
+    Diverged { steps: usize, out_dir: PathBuf },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// Greedy held-out answer accuracy: the fraction of `problems` whose generated response the
+/// grader (the RL reward's own function) marks correct.
+pub fn eval_accuracy<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], max_new_tokens: usize, batch: usize) -> f32 {
+    if problems.is_empty() {
+        return 0.0;
+    }
+    let grader = t1_reward::GraderConfig::default();
+    let cfg = SamplingConfig::greedy(max_new_tokens);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut correct = 0usize;
+    for chunk in problems.chunks(batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect();
+        let outs = generate(model, &prompts, &cfg, &[tokenizer.eos_id()], tokenizer.pad_id(), &mut rng);
+        for (p, o) in chunk.iter().zip(&outs) {
+            let text = tokenizer.decode(&o.tokens);
+            if t1_reward::grade(&text, &p.answer, &grader).correct {
+                correct += 1;
+            }
+        }
+    }
+    correct as f32 / problems.len() as f32
+}

@@ -1,0 +1,659 @@
+//! Stage 2 of T1: reinforcement learning with exploration.
+//!
+//! One step: prompts → K rollouts each (same engine as training, KV cache) → rewards (the
+//! grader, i.e. the eval metric, with penalties for overlong / repetitive / garbled text) →
+//! advantages (RLOO by default) → one or more epochs of minibatch updates with the clipped
+//! policy loss, entropy bonus and KL to the anchor → anchor update (EMA by default).
+//!
+//! How this departs from the textbook (REINFORCE/PPO) algorithm, as T1 does:
+//! 1. Oversampling: K samples per prompt (paper: 64), optionally a subset kept per group and
+//!    groups whose rewards all agree dropped and replaced by fresh prompts.
+//! 2. Temperature above 1 for exploration (paper: 1.2); log-probs use logits / T throughout.
+//! 3. Entropy bonus in the loss.
+//! 4. The KL anchor is not frozen: it follows the policy by EMA (or periodic reset), and the
+//!    per-sample KL can be centred leave-one-out ("on-policy KL normalisation") and put in the reward.
+//! 5. A penalty value replaces the reward of overlong, repetitive or garbled responses.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use t1_algo::{advantages, aggregate, center_leave_one_out, kl, policy_loss, token_entropy, token_logprobs, AggMode, Anchor, Baseline, KlEstimator, Normalizer};
+use t1_data::{ChatTokenizer, OnBadLine, Problem};
+use t1_model::{Inputs, Qwen2, WeightDtype};
+use t1_reward::{GraderConfig, PenaltyConfig};
+
+use crate::common::{self, lr_at, Metrics, TrainerState};
+use crate::sft::{init_model, scalar, ModelSource, OptimConfig};
+use crate::{eval_accuracy, generate, Rollout, SamplingConfig, TrainError};
+
+/// `t1 rl` settings. Every field has a default; unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RlConfig {
+    pub out_dir: PathBuf,
+    /// Usually the SFT model (`out/.../sft/final`).
+    pub model: ModelSource,
+    pub data: RlData,
+    pub sampling: SamplingConfig,
+    pub rollout: RolloutConfig,
+    pub reward: RewardConfig,
+    pub loss: LossConfig,
+    pub anchor: Anchor,
+    pub optim: OptimConfig,
+    pub train: RlTrain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RlData {
+    /// Problems JSONL: {"prompt"|"problem": ..., "answer": ...}.
+    pub train: PathBuf,
+    /// Held-out problems for greedy accuracy (optional).
+    pub eval_problems: PathBuf,
+    /// tokenizer.json; empty = the one in `model.checkpoint`.
+    pub tokenizer: PathBuf,
+    pub skip_bad_lines: bool,
+}
+
+/// Which of the K samples of a prompt are kept for the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    All,
+    /// `keep_per_prompt` samples drawn at random.
+    Random,
+    /// `keep_per_prompt` samples, as evenly split between correct and incorrect as possible.
+    Balanced,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Prompts per RL step (paper: 32).
+    pub prompts_per_step: usize,
+    /// K samples per prompt (paper: 64).
+    pub samples_per_prompt: usize,
+    pub keep: Keep,
+    /// With keep = random | balanced: samples kept per prompt.
+    pub keep_per_prompt: usize,
+    /// Drop groups whose rewards are all equal (no learning signal) and sample more prompts.
+    pub drop_uniform_groups: bool,
+    /// Cap on the extra generation rounds used to replace dropped groups.
+    pub max_extra_rounds: usize,
+    /// Sequences per generation batch.
+    pub generation_batch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    pub grader: GraderConfig,
+    pub penalty: PenaltyConfig,
+    /// Give penalised samples the penalty as their advantage, after the baseline (else the
+    /// penalty replaces the reward before the baseline).
+    pub penalty_after_baseline: bool,
+}
+
+/// Where the KL term enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KlPlacement {
+    /// r ← r − coef · Σ_t KL_t (T1's).
+    Reward,
+    /// loss ← loss + coef · agg(KL_t).
+    Loss,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    pub baseline: Baseline,
+    pub agg: AggMode,
+    /// Constant length of seq-mean-token-sum-norm (0 = sampling.max_new_tokens).
+    pub agg_norm_len: usize,
+    pub clip_eps_low: f32,
+    pub clip_eps_high: f32,
+    pub entropy_coef: f32,
+    pub kl_coef: f32,
+    pub kl_estimator: KlEstimator,
+    pub kl_in: KlPlacement,
+    /// Centre each sample's KL leave-one-out within its group before it enters the reward.
+    pub kl_on_policy_normalize: bool,
+    /// Optimisation epochs over each rollout batch.
+    pub epochs: usize,
+    /// Minibatches (optimiser steps) per epoch.
+    pub minibatches: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RlTrain {
+    /// RL steps (one rollout batch each).
+    pub steps: usize,
+    pub seed: u64,
+    /// Held-out greedy accuracy every N steps and at the end (0 = only at start and end).
+    pub eval_every: usize,
+    pub eval_problems: usize,
+    pub save_every: usize,
+    pub keep_checkpoints: usize,
+    pub max_bad_steps: usize,
+}
+
+impl Default for RlConfig {
+    fn default() -> Self {
+        Self {
+            out_dir: "out/rl".into(),
+            model: ModelSource::default(),
+            data: RlData::default(),
+            sampling: SamplingConfig { temperature: 1.2, top_p: 1.0, top_k: 0, max_new_tokens: 16384 },
+            rollout: RolloutConfig::default(),
+            reward: RewardConfig::default(),
+            loss: LossConfig::default(),
+            anchor: Anchor::Ema { beta: 0.99, every: 1 },
+            optim: OptimConfig { lr: 1.5e-6, warmup_steps: 0, min_lr_ratio: 1.0, ..OptimConfig::default() },
+            train: RlTrain::default(),
+        }
+    }
+}
+impl Default for RlData {
+    fn default() -> Self {
+        Self { train: PathBuf::new(), eval_problems: PathBuf::new(), tokenizer: PathBuf::new(), skip_bad_lines: false }
+    }
+}
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_step: 32,
+            samples_per_prompt: 64,
+            keep: Keep::All,
+            keep_per_prompt: 0,
+            drop_uniform_groups: false,
+            max_extra_rounds: 0,
+            generation_batch: 64,
+        }
+    }
+}
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self { grader: GraderConfig::default(), penalty: PenaltyConfig::default(), penalty_after_baseline: false }
+    }
+}
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            baseline: Baseline::Rloo,
+            agg: AggMode::TokenMean,
+            agg_norm_len: 0,
+            clip_eps_low: 0.2,
+            clip_eps_high: 0.28,
+            entropy_coef: 0.0,
+            kl_coef: 2e-4,
+            kl_estimator: KlEstimator::K3,
+            kl_in: KlPlacement::Reward,
+            kl_on_policy_normalize: true,
+            epochs: 1,
+            minibatches: 1,
+        }
+    }
+}
+impl Default for RlTrain {
+    fn default() -> Self {
+        Self { steps: 100, seed: 0, eval_every: 0, eval_problems: 100, save_every: 0, keep_checkpoints: 2, max_bad_steps: 5 }
+    }
+}
+
+impl RlConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config { origin: "rl config".into(), message: m });
+        if self.data.train.as_os_str().is_empty() {
+            return bad("data.train is empty: give a problems JSONL file".into());
+        }
+        self.sampling.validate().or_else(|m| bad(format!("sampling: {m}")))?;
+        self.reward.grader.validate().or_else(|e| bad(format!("reward.grader: {e}")))?;
+        let r = &self.rollout;
+        if r.prompts_per_step == 0 || r.samples_per_prompt == 0 {
+            return bad("rollout.prompts_per_step and rollout.samples_per_prompt must be > 0".into());
+        }
+        if r.keep != Keep::All && (r.keep_per_prompt == 0 || r.keep_per_prompt > r.samples_per_prompt) {
+            return bad(format!("rollout.keep_per_prompt must be in 1..={} with keep = {:?}", r.samples_per_prompt, r.keep));
+        }
+        if self.loss.epochs == 0 || self.loss.minibatches == 0 {
+            return bad("loss.epochs and loss.minibatches must be > 0".into());
+        }
+        if let Anchor::Ema { beta, every } = self.anchor {
+            if !(0.0..=1.0).contains(&beta) || every == 0 {
+                return bad("anchor: ema needs 0 <= beta <= 1 and every > 0".into());
+            }
+        }
+        if let Anchor::Reset { every: 0 } = self.anchor {
+            return bad("anchor: reset needs every > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// One sampled response with everything the update needs.
+#[derive(Debug, Clone)]
+struct Sample {
+    group: usize,
+    prompt: Vec<u32>,
+    rollout: Rollout,
+    reward: f32,
+    correct: bool,
+    penalties: t1_reward::Penalties,
+}
+
+/// What a finished RL run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RlSummary {
+    pub steps: usize,
+    pub initial_accuracy: Option<f32>,
+    pub final_accuracy: Option<f32>,
+    pub wall_s: f32,
+    pub final_dir: PathBuf,
+}
+
+/// Runs RL (or continues it with `resume`).
+pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<RlSummary, TrainError> {
+    cfg.validate()?;
+    let t = &cfg.train;
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
+    B::seed(device, t.seed);
+    let (model_config, mut policy, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
+    let mut reference: Qwen2<B::InnerBackend> = policy.valid();
+    let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
+    let problems = t1_data::read_problems(&cfg.data.train, on_bad)?.items;
+    let eval: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
+        vec![]
+    } else {
+        t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
+    };
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(cfg.optim.beta1)
+        .with_beta_2(cfg.optim.beta2)
+        .with_epsilon(cfg.optim.eps)
+        .with_weight_decay(cfg.optim.weight_decay)
+        .init::<B, Qwen2<B>>();
+    let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
+    let dtype = WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32);
+    if resume {
+        if let Some(dir) = common::list_checkpoints(&cfg.out_dir).last() {
+            policy = t1_model::load::<B>(dir, dtype, device)?.1;
+            reference = t1_model::load::<B::InnerBackend>(&dir.join("reference"), dtype, device)?.1;
+            (optim, state) = common::load_resume_state(dir, optim, device)?;
+            eprintln!("resuming from {} at step {}", dir.display(), state.step);
+        } else {
+            eprintln!("--resume: no checkpoint in {}, starting from the start", cfg.out_dir.display());
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
+    rng.set_word_pos(state.rng_word_pos);
+    let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
+    let eos = {
+        let mut e = model_config.eos_token_ids();
+        e.push(tokenizer.eos_id());
+        e
+    };
+
+    let started = Instant::now();
+    let initial_accuracy = (!eval.is_empty() && state.step == 0).then(|| eval_accuracy(&policy.valid(), &tokenizer, &eval, cfg.sampling.max_new_tokens, 32));
+    if let Some(acc) = initial_accuracy {
+        metrics.log(&json!({"step": 0, "eval_accuracy": acc}));
+        eprintln!("step 0 eval_accuracy {acc:.3}");
+    }
+    let mut final_accuracy = initial_accuracy;
+    let bar = common::progress(t.steps, state.step, "rl");
+    let mut bad_in_row = 0;
+    while state.step < t.steps {
+        let step_start = Instant::now();
+        let lr = lr_at(state.step, t.steps, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio);
+        // 1-2. prompts → K rollouts each → rewards, replacing uniform groups if asked
+        let inner = policy.valid();
+        let (samples, gen_stats) = collect_samples(cfg, &inner, &tokenizer, &problems, &eos, &mut state, &mut rng);
+        let gen_s = step_start.elapsed().as_secs_f32();
+        if samples.is_empty() {
+            metrics.log(&json!({"step": state.step, "event": "no_samples"}));
+            state.step += 1;
+            continue;
+        }
+        // 3. recompute old log-probs (gap metric) and the anchor's, then advantages
+        let batch = RlBatch::new(&samples, tokenizer.pad_id());
+        let old_logp = batch.logprobs(&inner, cfg.sampling.temperature);
+        let ref_logp = batch.logprobs(&reference, cfg.sampling.temperature);
+        let (gap_max, gap_mean) = batch.gap(&old_logp);
+        let kl_tok = kl(tensor2::<B::InnerBackend>(&old_logp, batch.rows, batch.len, device), tensor2(&ref_logp, batch.rows, batch.len, device), cfg.loss.kl_estimator);
+        let kl_tok = host(kl_tok);
+        let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
+        let adv = compute_advantages(cfg, &samples, &kl_seq);
+        // 4. updates
+        let norm_len = if cfg.loss.agg_norm_len > 0 { cfg.loss.agg_norm_len } else { cfg.sampling.max_new_tokens } as f32;
+        let mut order: Vec<usize> = (0..batch.rows).collect();
+        let (mut clip_sum, mut ent_sum, mut loss_sum, mut n_updates, mut bad) = (0.0, 0.0, 0.0, 0, false);
+        for _epoch in 0..cfg.loss.epochs {
+            order.shuffle(&mut rng);
+            let per = batch.rows.div_ceil(cfg.loss.minibatches);
+            for rows in order.chunks(per) {
+                let (loss, clip_frac, entropy) = minibatch_loss(cfg, &policy, &batch, rows, &old_logp, &ref_logp, &adv, norm_len);
+                let loss_v = scalar(loss.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &policy);
+                let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
+                if !loss_v.is_finite() || !norm.is_finite() {
+                    bad = true;
+                    continue;
+                }
+                policy = optim.step(lr, policy, grads);
+                clip_sum += clip_frac;
+                ent_sum += entropy;
+                loss_sum += loss_v;
+                n_updates += 1;
+            }
+        }
+        if bad {
+            state.skipped_steps += 1;
+            bad_in_row += 1;
+            if bad_in_row >= t.max_bad_steps {
+                return Err(TrainError::Diverged { steps: bad_in_row, out_dir: cfg.out_dir.clone() });
+            }
+        } else {
+            bad_in_row = 0;
+        }
+        state.step += 1;
+        // 5. the dynamic anchor
+        match cfg.anchor {
+            Anchor::Frozen => {}
+            Anchor::Ema { beta, every } if state.step % every == 0 => reference = t1_algo::ema_update(reference, &policy.valid(), beta),
+            Anchor::Reset { every } if state.step % every == 0 => reference = policy.valid(),
+            _ => {}
+        }
+        state.rng_word_pos = rng.get_word_pos();
+        let n = samples.len() as f32;
+        let mean = |f: &dyn Fn(&Sample) -> f32| samples.iter().map(f).sum::<f32>() / n;
+        let n_up = n_updates.max(1) as f32;
+        let mut record = json!({
+            "step": state.step, "lr": lr,
+            "reward": mean(&|s| s.reward), "accuracy": mean(&|s| s.correct as u8 as f32),
+            "overlong_rate": mean(&|s| s.penalties.overlong as u8 as f32),
+            "repetitive_rate": mean(&|s| s.penalties.repetitive as u8 as f32),
+            "garbled_rate": mean(&|s| s.penalties.garbled as u8 as f32),
+            "response_length": mean(&|s| s.rollout.tokens.len() as f32),
+            "entropy": ent_sum / n_up, "kl": kl_seq.iter().sum::<f32>() / n,
+            "clip_fraction": clip_sum / n_up, "loss": loss_sum / n_up,
+            "zero_variance_groups": gen_stats.uniform_fraction, "extra_rounds": gen_stats.extra_rounds,
+            "samples": samples.len(), "logprob_gap_max": gap_max, "logprob_gap_mean": gap_mean,
+            "generation_s": gen_s, "step_s": step_start.elapsed().as_secs_f32(),
+        });
+        let last = state.step == t.steps;
+        if !eval.is_empty() && (last || (t.eval_every > 0 && state.step % t.eval_every == 0)) {
+            let acc = eval_accuracy(&policy.valid(), &tokenizer, &eval, cfg.sampling.max_new_tokens, 32);
+            record["eval_accuracy"] = json!(acc);
+            final_accuracy = Some(acc);
+            bar.println(format!("step {} eval_accuracy {acc:.3}", state.step));
+        }
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("reward {:.3} acc {:.3} len {:.0}", record["reward"], record["accuracy"], record["response_length"]));
+        metrics.log(&record);
+        if last || (t.save_every > 0 && state.step % t.save_every == 0) {
+            common::save_checkpoint(&cfg.out_dir, &policy, &model_config, &tokenizer, &optim, &state, resolved, &[("reference", &reference)], t.keep_checkpoints)?;
+        }
+    }
+    bar.finish();
+    let final_dir = cfg.out_dir.join("final");
+    t1_model::save(&policy.valid(), &model_config, &final_dir, &Default::default())?;
+    tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
+    let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
+    metrics.log(&json!({"event": "end", "summary": summary}));
+    Ok(summary)
+}
+
+struct GenStats {
+    uniform_fraction: f32,
+    extra_rounds: usize,
+}
+
+/// Samples K responses for each of `prompts_per_step` prompts, grades them, optionally drops
+/// uniform groups (sampling more prompts, at most `max_extra_rounds` times) and keeps a subset.
+fn collect_samples<B: Backend>(
+    cfg: &RlConfig,
+    model: &Qwen2<B>,
+    tokenizer: &ChatTokenizer,
+    problems: &[Problem],
+    eos: &[u32],
+    state: &mut TrainerState,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<Sample>, GenStats) {
+    let r = &cfg.rollout;
+    let k = r.samples_per_prompt;
+    let mut kept: Vec<Sample> = vec![];
+    let (mut groups_seen, mut uniform, mut rounds) = (0usize, 0usize, 0usize);
+    let mut groups_kept = 0usize;
+    while groups_kept < r.prompts_per_step && rounds <= r.max_extra_rounds {
+        let need = r.prompts_per_step - groups_kept;
+        let chosen: Vec<&Problem> = (0..need).map(|_| next_problem(problems, cfg.train.seed, state)).collect();
+        let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), k)).collect();
+        let mut rollouts = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(r.generation_batch.max(1)) {
+            rollouts.extend(generate(model, chunk, &cfg.sampling, eos, tokenizer.pad_id(), rng));
+        }
+        for (g, problem) in chosen.iter().enumerate() {
+            let mut group: Vec<Sample> = (0..k)
+                .map(|i| {
+                    let idx = g * k + i;
+                    let rollout = rollouts[idx].clone();
+                    let text = tokenizer.decode(&rollout.tokens);
+                    let grade = t1_reward::grade(&text, &problem.answer, &cfg.reward.grader);
+                    let penalties = t1_reward::penalties(&text, rollout.truncated, &cfg.reward.penalty);
+                    let reward = t1_reward::reward(&grade, &penalties, &cfg.reward.penalty);
+                    Sample { group: groups_kept, prompt: prompts[idx].clone(), rollout, reward, correct: grade.correct, penalties }
+                })
+                .collect();
+            groups_seen += 1;
+            let all_equal = group.iter().all(|s| s.reward == group[0].reward);
+            uniform += all_equal as usize;
+            if all_equal && r.drop_uniform_groups && rounds < r.max_extra_rounds {
+                continue;
+            }
+            select(&mut group, r.keep, r.keep_per_prompt, rng);
+            for s in &mut group {
+                s.group = groups_kept;
+            }
+            kept.extend(group);
+            groups_kept += 1;
+        }
+        rounds += 1;
+        if !r.drop_uniform_groups {
+            break;
+        }
+    }
+    (kept, GenStats { uniform_fraction: uniform as f32 / groups_seen.max(1) as f32, extra_rounds: rounds.saturating_sub(1) })
+}
+
+/// The next training problem: epochs over a seeded permutation, the cursor in `state`.
+fn next_problem<'a>(problems: &'a [Problem], seed: u64, state: &mut TrainerState) -> &'a Problem {
+    let n = problems.len();
+    let pos = state.cursor % n;
+    let epoch = state.cursor / n;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (0xA5A5 + epoch as u64)));
+    state.cursor += 1;
+    state.epoch = epoch;
+    &problems[order[pos]]
+}
+
+/// Keeps a subset of one group's samples.
+fn select(group: &mut Vec<Sample>, keep: Keep, n: usize, rng: &mut ChaCha8Rng) {
+    match keep {
+        Keep::All => {}
+        Keep::Random => {
+            group.shuffle(rng);
+            group.truncate(n);
+        }
+        Keep::Balanced => {
+            group.shuffle(rng);
+            let (right, wrong): (Vec<Sample>, Vec<Sample>) = group.drain(..).partition(|s| s.correct);
+            let take_right = right.len().min(n.div_ceil(2)).max(n.saturating_sub(wrong.len()));
+            group.extend(right.into_iter().take(take_right));
+            let rest = n - group.len();
+            group.extend(wrong.into_iter().take(rest));
+        }
+    }
+}
+
+/// Per-sequence advantages: rewards (minus the KL when it goes in the reward), baseline within
+/// each group, and penalties applied after the baseline when configured.
+fn compute_advantages(cfg: &RlConfig, samples: &[Sample], kl_seq: &[f32]) -> Vec<f32> {
+    let l = &cfg.loss;
+    let mut out = vec![0.0; samples.len()];
+    let mut start = 0;
+    while start < samples.len() {
+        let end = start + samples[start..].iter().take_while(|s| s.group == samples[start].group).count();
+        let idx = start..end;
+        let mut rewards: Vec<f32> = samples[idx.clone()].iter().map(|s| s.reward).collect();
+        if l.kl_in == KlPlacement::Reward && l.kl_coef != 0.0 {
+            let kls = &kl_seq[idx.clone()];
+            let kls = if l.kl_on_policy_normalize { center_leave_one_out(kls) } else { kls.to_vec() };
+            for (r, k) in rewards.iter_mut().zip(kls) {
+                *r -= l.kl_coef * k;
+            }
+        }
+        let a = advantages(&rewards, rewards.len(), l.baseline);
+        for (i, a) in idx.clone().zip(a) {
+            out[i] = if cfg.reward.penalty_after_baseline && samples[i].penalties.any() { cfg.reward.penalty.value } else { a };
+        }
+        start = end;
+    }
+    out
+}
+
+/// Prompt + response sequences, right-padded, with the response positions marked.
+struct RlBatch {
+    rows: usize,
+    len: usize,
+    ids: Vec<i64>,
+    attention: Vec<bool>,
+    /// `[rows, len]`: targets[t] = ids[t + 1]
+    targets: Vec<i64>,
+    /// `[rows, len]`: 1 where targets[t] is a response token
+    mask: Vec<f32>,
+    /// `[rows, len]`: the sampling-time log-prob of targets[t] (0 elsewhere)
+    sampled_logp: Vec<f32>,
+}
+
+impl RlBatch {
+    fn new(samples: &[Sample], pad: u32) -> Self {
+        let rows = samples.len();
+        let len = samples.iter().map(|s| s.prompt.len() + s.rollout.tokens.len()).max().unwrap_or(1);
+        let mut b = Self { rows, len, ids: vec![pad as i64; rows * len], attention: vec![false; rows * len], targets: vec![pad as i64; rows * len], mask: vec![0.0; rows * len], sampled_logp: vec![0.0; rows * len] };
+        for (r, s) in samples.iter().enumerate() {
+            let seq: Vec<u32> = s.prompt.iter().chain(&s.rollout.tokens).copied().collect();
+            for (t, &tok) in seq.iter().enumerate() {
+                b.ids[r * len + t] = tok as i64;
+                b.attention[r * len + t] = true;
+                if t > 0 {
+                    b.targets[r * len + t - 1] = tok as i64;
+                }
+            }
+            for (j, lp) in s.rollout.logprobs.iter().enumerate() {
+                let t = s.prompt.len() + j - 1; // position that predicts response token j
+                b.mask[r * len + t] = 1.0;
+                b.sampled_logp[r * len + t] = *lp;
+            }
+        }
+        b
+    }
+
+    fn rows_subset(&self, rows: &[usize]) -> (Inputs, Vec<i64>, Vec<f32>) {
+        let pick = |v: &[i64]| rows.iter().flat_map(|&r| v[r * self.len..(r + 1) * self.len].to_vec()).collect::<Vec<_>>();
+        let ids = pick(&self.ids);
+        let targets = pick(&self.targets);
+        let attention = rows.iter().flat_map(|&r| self.attention[r * self.len..(r + 1) * self.len].to_vec()).collect();
+        let mask = rows.iter().flat_map(|&r| self.mask[r * self.len..(r + 1) * self.len].to_vec()).collect();
+        (Inputs::new(rows.len(), self.len, ids, attention), targets, mask)
+    }
+
+    /// log π(target) under logits / T for every position, `[rows * len]`, without gradients.
+    fn logprobs<B: Backend>(&self, model: &Qwen2<B>, temperature: f32) -> Vec<f32> {
+        let device = model.device();
+        let mut out = Vec::with_capacity(self.rows * self.len);
+        let all: Vec<usize> = (0..self.rows).collect();
+        for rows in all.chunks(32) {
+            let (inputs, targets, _) = self.rows_subset(rows);
+            let logits = model.forward(&inputs, None).cast(DType::F32).div_scalar(temperature.max(1e-6));
+            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows.len(), self.len]), &device);
+            out.extend(host(token_logprobs(logits, targets)));
+        }
+        out
+    }
+
+    fn masked_row_sum(&self, v: &[f32], r: usize) -> f32 {
+        (0..self.len).map(|t| v[r * self.len + t] * self.mask[r * self.len + t]).sum()
+    }
+
+    /// Max and mean |sampling-time log-prob − recomputed log-prob| over response tokens.
+    fn gap(&self, recomputed: &[f32]) -> (f32, f32) {
+        let (mut max, mut sum, mut n) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..self.mask.len() {
+            if self.mask[i] > 0.0 {
+                let d = (self.sampled_logp[i] - recomputed[i]).abs();
+                max = max.max(d);
+                sum += d;
+                n += 1.0;
+            }
+        }
+        (max, sum / n.max(1.0))
+    }
+}
+
+/// Loss of one minibatch, its clip fraction and mean entropy.
+#[allow(clippy::too_many_arguments)]
+fn minibatch_loss<B: AutodiffBackend>(
+    cfg: &RlConfig,
+    policy: &Qwen2<B>,
+    batch: &RlBatch,
+    rows: &[usize],
+    old_logp: &[f32],
+    ref_logp: &[f32],
+    adv: &[f32],
+    norm_len: f32,
+) -> (Tensor<B, 1>, f32, f32) {
+    let device = policy.device();
+    let (n, t) = (rows.len(), batch.len);
+    let (inputs, targets, mask_v) = batch.rows_subset(rows);
+    let pick = |v: &[f32]| rows.iter().flat_map(|&r| v[r * t..(r + 1) * t].to_vec()).collect::<Vec<f32>>();
+    let logits = policy.forward(&inputs, None).cast(DType::F32).div_scalar(cfg.sampling.temperature.max(1e-6));
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, t]), &device);
+    let logp = token_logprobs(logits.clone(), targets);
+    let mask = tensor2::<B>(&mask_v, n, t, &device);
+    let old = tensor2::<B>(&pick(old_logp), n, t, &device);
+    let adv_t = Tensor::<B, 1>::from_data(TensorData::new(rows.iter().map(|&r| adv[r]).collect::<Vec<f32>>(), [n]), &device);
+    let norm = Normalizer::of_mask(&mask_v, t, norm_len);
+    let l = &cfg.loss;
+    let (pg, clipped) = policy_loss(logp.clone(), old, adv_t, l.clip_eps_low, l.clip_eps_high);
+    let mut loss = aggregate(pg, mask.clone(), l.agg, norm);
+    let entropy = aggregate(token_entropy(logits), mask.clone(), AggMode::TokenMean, norm);
+    if l.entropy_coef != 0.0 {
+        loss = loss - entropy.clone().mul_scalar(l.entropy_coef);
+    }
+    if l.kl_in == KlPlacement::Loss && l.kl_coef != 0.0 {
+        let r = tensor2::<B>(&pick(ref_logp), n, t, &device);
+        loss = loss + aggregate(kl(logp, r, l.kl_estimator), mask.clone(), l.agg, norm).mul_scalar(l.kl_coef);
+    }
+    let clip_frac = scalar(aggregate(clipped, mask, AggMode::TokenMean, norm).detach());
+    (loss, clip_frac, scalar(entropy.detach()))
+}
+
+fn tensor2<B: Backend>(v: &[f32], rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [rows, len]), device)
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+}

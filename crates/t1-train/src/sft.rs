@@ -1,0 +1,458 @@
+//! Stage 1 of T1: supervised fine-tuning on trial-and-error chain-of-thought.
+//!
+//! The loop: shuffled epochs of right-padded batches → next-token NLL on assistant tokens only
+//! → gradient accumulation → global-norm clipping → AdamW with warmup + cosine → periodic
+//! held-out loss and answer accuracy → checkpoints that `--resume` continues exactly.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use t1_algo::{masked_mean, token_logprobs};
+use t1_data::{pad_batch, ChatTokenizer, OnBadLine, Problem, SftBatch, TokenizedExample};
+use t1_model::{Inputs, Qwen2, Qwen2Config, WeightDtype};
+
+use crate::common::{self, lr_at, Metrics, TrainerState};
+use crate::{eval_accuracy, TrainError};
+
+/// `t1 sft` settings. Every field has a default; unknown keys are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    /// Checkpoints, metrics.jsonl and the final model (`final/`) go here.
+    pub out_dir: PathBuf,
+    pub model: ModelSource,
+    pub data: SftData,
+    pub optim: OptimConfig,
+    pub train: SftTrain,
+}
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSource {
+    /// A Hugging Face checkpoint directory; empty = random init from `[model.scratch]`.
+    pub checkpoint: PathBuf,
+    /// f32, or bf16 on flex/cuda.
+    pub dtype: String,
+    pub scratch: ScratchModel,
+}
+
+/// A Qwen2 architecture for training from scratch (vocab_size comes from the tokenizer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScratchModel {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub tie_word_embeddings: bool,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub initializer_range: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftData {
+    /// SFT JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
+    pub train: PathBuf,
+    /// Held-out SFT JSONL for the eval loss (optional).
+    pub eval: PathBuf,
+    /// Held-out problems JSONL ({"prompt", "answer"}) for greedy answer accuracy (optional).
+    pub eval_problems: PathBuf,
+    /// tokenizer.json; empty = the one in `model.checkpoint`.
+    pub tokenizer: PathBuf,
+    /// Longer examples are truncated to this many tokens.
+    pub max_len: usize,
+    /// Skip and count malformed JSONL lines instead of failing.
+    pub skip_bad_lines: bool,
+}
+
+/// AdamW with warmup + cosine decay and global-norm clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    /// The cosine decays to lr * min_lr_ratio.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global L2 norm clip of the gradients (0 = off).
+    pub grad_clip: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftTrain {
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (0 = run all epochs).
+    pub max_steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// Evaluate (held-out loss and accuracy) every N steps and at the end (0 = only at the end).
+    pub eval_every: usize,
+    /// Problems used for held-out accuracy (greedy decoding).
+    pub eval_problems: usize,
+    /// Tokens generated per held-out problem.
+    pub eval_max_new_tokens: usize,
+    /// Save a checkpoint every N steps and at the end (0 = only at the end).
+    pub save_every: usize,
+    /// Checkpoints kept (newest first).
+    pub keep_checkpoints: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient.
+    pub max_bad_steps: usize,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            out_dir: "out/sft".into(),
+            model: ModelSource::default(),
+            data: SftData::default(),
+            optim: OptimConfig::default(),
+            train: SftTrain::default(),
+        }
+    }
+}
+
+impl Default for ModelSource {
+    fn default() -> Self {
+        Self { checkpoint: PathBuf::new(), dtype: "f32".into(), scratch: ScratchModel::default() }
+    }
+}
+
+impl Default for ScratchModel {
+    fn default() -> Self {
+        Self {
+            hidden_size: 128,
+            intermediate_size: 384,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            tie_word_embeddings: true,
+            rope_theta: 10000.0,
+            max_position_embeddings: 1024,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+impl Default for SftData {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: PathBuf::new(),
+            eval_problems: PathBuf::new(),
+            tokenizer: PathBuf::new(),
+            max_len: 512,
+            skip_bad_lines: false,
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { lr: 1e-5, min_lr_ratio: 0.0, warmup_steps: 0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0 }
+    }
+}
+
+impl Default for SftTrain {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            max_steps: 0,
+            batch_size: 8,
+            grad_accum: 1,
+            seed: 0,
+            eval_every: 0,
+            eval_problems: 64,
+            eval_max_new_tokens: 256,
+            save_every: 0,
+            keep_checkpoints: 2,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: &str| Err(TrainError::Config { origin: "sft config".into(), message: m.into() });
+        if self.data.train.as_os_str().is_empty() {
+            return bad("data.train is empty: give an SFT JSONL file");
+        }
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
+            return bad("train.batch_size and train.grad_accum must be > 0");
+        }
+        if !(self.optim.lr > 0.0) {
+            return bad("optim.lr must be > 0");
+        }
+        if self.data.max_len < 2 {
+            return bad("data.max_len must be >= 2");
+        }
+        if WeightDtype::parse(&self.model.dtype).is_none() {
+            return bad("model.dtype must be f32 or bf16");
+        }
+        Ok(())
+    }
+}
+
+/// What a finished SFT run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftSummary {
+    pub steps: usize,
+    pub final_train_loss: f32,
+    pub eval_loss: Option<f32>,
+    pub eval_accuracy: Option<f32>,
+    pub tokens_per_s: f32,
+    pub wall_s: f32,
+    pub final_dir: PathBuf,
+}
+
+/// The model, tokenizer and its config, from a checkpoint or from scratch.
+pub fn init_model<B: Backend>(
+    source: &ModelSource,
+    tokenizer_path: &Path,
+    device: &B::Device,
+) -> Result<(Qwen2Config, Qwen2<B>, ChatTokenizer), TrainError> {
+    let dtype = WeightDtype::parse(&source.dtype).unwrap_or(WeightDtype::F32);
+    let tok_path = if tokenizer_path.as_os_str().is_empty() {
+        source.checkpoint.join(common::TOKENIZER_FILE)
+    } else {
+        tokenizer_path.to_path_buf()
+    };
+    let tokenizer = ChatTokenizer::from_file(&tok_path)?;
+    if source.checkpoint.as_os_str().is_empty() {
+        let s = &source.scratch;
+        let mut config = Qwen2Config::tiny(tokenizer.vocab_size(), s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads);
+        config.intermediate_size = s.intermediate_size;
+        config.tie_word_embeddings = s.tie_word_embeddings;
+        config.rope_theta = Some(s.rope_theta);
+        config.max_position_embeddings = s.max_position_embeddings;
+        config.initializer_range = s.initializer_range;
+        config.eos_token_id = Some(tokenizer.eos_id().into());
+        config.bos_token_id = None;
+        config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
+        let model = Qwen2::init(&config, device);
+        let model = if dtype == WeightDtype::F32 { model } else { cast_model(model, dtype) };
+        Ok((config, model, tokenizer))
+    } else {
+        let (config, model) = t1_model::load(&source.checkpoint, dtype, device)?;
+        tokenizer.check_model_vocab(config.vocab_size)?;
+        Ok((config, model, tokenizer))
+    }
+}
+
+fn cast_model<B: Backend>(model: Qwen2<B>, dtype: WeightDtype) -> Qwen2<B> {
+    use burn::module::{Module, ModuleMapper, Param};
+    struct Cast(burn::tensor::DType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, m) = p.consume();
+            Param::from_mapped_value(id, t.cast(self.0), m)
+        }
+    }
+    model.map(&mut Cast(dtype.burn()))
+}
+
+/// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`.
+pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip: bool) -> Result<(Vec<TokenizedExample>, usize), TrainError> {
+    let on_bad = if skip { OnBadLine::Skip } else { OnBadLine::Error };
+    let loaded = t1_data::read_sft(path, on_bad)?;
+    let examples = loaded
+        .items
+        .iter()
+        .map(|ex| {
+            let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false);
+            ids.truncate(max_len);
+            loss_mask.truncate(max_len);
+            TokenizedExample { ids, loss_mask }
+        })
+        .collect();
+    Ok((examples, loaded.skipped))
+}
+
+/// Tensors of a padded batch: model inputs, targets `[B, T]` and the loss mask `[B, T]`.
+pub fn batch_tensors<B: Backend>(batch: &SftBatch, device: &B::Device) -> (Inputs, Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let (b, t) = (batch.batch, batch.len);
+    let inputs = Inputs::new(b, t, batch.ids.clone(), batch.attention.clone());
+    let targets = Tensor::from_data(TensorData::new(batch.targets.clone(), [b, t]), device);
+    let mask: Vec<f32> = batch.target_mask.iter().map(|&m| m as u8 as f32).collect();
+    let mask = Tensor::from_data(TensorData::new(mask, [b, t]), device);
+    (inputs, targets, mask)
+}
+
+/// Mean next-token NLL over the loss tokens of a batch. Returns `[1]`.
+pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
+    let device = model.device();
+    let (inputs, targets, mask) = batch_tensors::<B>(batch, &device);
+    let logits = model.forward(&inputs, None);
+    masked_mean(token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg(), mask)
+}
+
+/// Runs SFT (or continues it with `resume`) and returns its summary.
+pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
+    cfg.validate()?;
+    let t = &cfg.train;
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
+    B::seed(device, t.seed);
+    let (model_config, mut model, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
+    let (train, skipped) = tokenize_sft(&tokenizer, &cfg.data.train, cfg.data.max_len, cfg.data.skip_bad_lines)?;
+    if skipped > 0 {
+        eprintln!("skipped {skipped} malformed lines of {}", cfg.data.train.display());
+    }
+    let eval = if cfg.data.eval.as_os_str().is_empty() {
+        vec![]
+    } else {
+        tokenize_sft(&tokenizer, &cfg.data.eval, cfg.data.max_len, cfg.data.skip_bad_lines)?.0
+    };
+    let problems: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
+        vec![]
+    } else {
+        let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
+        t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
+    };
+
+    let per_step = t.batch_size * t.grad_accum;
+    let steps_per_epoch = train.len().div_ceil(per_step);
+    let total = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(cfg.optim.beta1)
+        .with_beta_2(cfg.optim.beta2)
+        .with_epsilon(cfg.optim.eps)
+        .with_weight_decay(cfg.optim.weight_decay)
+        .init::<B, Qwen2<B>>();
+    let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
+    if resume {
+        match common::list_checkpoints(&cfg.out_dir).last() {
+            Some(dir) => {
+                let (_, loaded) = t1_model::load::<B>(dir, WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32), device)?;
+                model = loaded;
+                (optim, state) = common::load_resume_state(dir, optim, device)?;
+                eprintln!("resuming from {} at step {}", dir.display(), state.step);
+            }
+            None => eprintln!("--resume: no checkpoint in {}, starting from scratch", cfg.out_dir.display()),
+        }
+    }
+    let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
+    metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "train_examples": train.len(), "steps": total, "resumed_at": state.step}));
+
+    let bar = common::progress(total, state.step, "sft");
+    let started = Instant::now();
+    let (mut tokens_seen, mut last_loss, mut bad_in_row) = (0usize, f32::NAN, 0usize);
+    let mut order = epoch_order(train.len(), t.seed, state.epoch);
+    let (mut eval_loss, mut eval_acc) = (None, None);
+    while state.step < total {
+        let lr = lr_at(state.step, total, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio);
+        let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
+        let mut step_loss = 0.0f32;
+        for _ in 0..t.grad_accum {
+            if state.cursor >= order.len() {
+                state.epoch += 1;
+                state.cursor = 0;
+                order = epoch_order(train.len(), t.seed, state.epoch);
+            }
+            let idx = &order[state.cursor..(state.cursor + t.batch_size).min(order.len())];
+            state.cursor += idx.len();
+            let examples: Vec<&TokenizedExample> = idx.iter().map(|&i| &train[i]).collect();
+            let batch = pad_batch(&examples, tokenizer.pad_id());
+            tokens_seen += batch.attention.iter().filter(|&&a| a).count();
+            let loss = sft_loss(&model, &batch).div_scalar(t.grad_accum as f32);
+            step_loss += scalar(loss.clone());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accum.accumulate(&model, grads);
+        }
+        let (grads, norm) = common::clip_global_norm(&model, accum.grads(), cfg.optim.grad_clip);
+        if !step_loss.is_finite() || !norm.is_finite() {
+            state.skipped_steps += 1;
+            bad_in_row += 1;
+            metrics.log(&json!({"event": "skipped_step", "step": state.step, "loss": step_loss.to_string(), "grad_norm": norm.to_string()}));
+            if bad_in_row >= t.max_bad_steps {
+                return Err(TrainError::Diverged { steps: bad_in_row, out_dir: cfg.out_dir.clone() });
+            }
+            continue;
+        }
+        bad_in_row = 0;
+        model = optim.step(lr, model, grads);
+        state.step += 1;
+        last_loss = step_loss;
+        let tok_s = tokens_seen as f32 / started.elapsed().as_secs_f32();
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {step_loss:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+        let mut record = json!({"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tok_s, "elapsed_s": started.elapsed().as_secs_f32()});
+        let last = state.step == total;
+        if last || (t.eval_every > 0 && state.step % t.eval_every == 0) {
+            let inner = model.valid();
+            if !eval.is_empty() {
+                let l = eval_loss_of(&inner, &eval, t.batch_size, tokenizer.pad_id());
+                eval_loss = Some(l);
+                record["eval_loss"] = json!(l);
+            }
+            if !problems.is_empty() {
+                let acc = eval_accuracy(&inner, &tokenizer, &problems, t.eval_max_new_tokens, 32);
+                eval_acc = Some(acc);
+                record["eval_accuracy"] = json!(acc);
+            }
+            bar.println(format!("step {} loss {step_loss:.4} eval_loss {:?} eval_accuracy {:?}", state.step, eval_loss, eval_acc));
+        }
+        metrics.log(&record);
+        if last || (t.save_every > 0 && state.step % t.save_every == 0) {
+            common::save_checkpoint(&cfg.out_dir, &model, &model_config, &tokenizer, &optim, &state, resolved, &[], t.keep_checkpoints)?;
+        }
+    }
+    bar.finish();
+    let final_dir = cfg.out_dir.join("final");
+    t1_model::save(&model.valid(), &model_config, &final_dir, &Default::default())?;
+    tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
+    let wall = started.elapsed().as_secs_f32();
+    let summary = SftSummary {
+        steps: state.step,
+        final_train_loss: last_loss,
+        eval_loss,
+        eval_accuracy: eval_acc,
+        tokens_per_s: tokens_seen as f32 / wall.max(1e-6),
+        wall_s: wall,
+        final_dir,
+    };
+    metrics.log(&json!({"event": "end", "summary": summary}));
+    Ok(summary)
+}
+
+/// The example order of an epoch: a permutation seeded by (seed, epoch).
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64)));
+    order
+}
+
+/// Token-weighted mean NLL over a held-out set.
+pub fn eval_loss_of<B: Backend>(model: &Qwen2<B>, examples: &[TokenizedExample], batch_size: usize, pad: u32) -> f32 {
+    let (mut total, mut tokens) = (0.0f64, 0.0f64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let batch = pad_batch(&refs, pad);
+        let n = batch.target_mask.iter().filter(|&&m| m).count() as f64;
+        total += scalar(sft_loss(model, &batch)) as f64 * n;
+        tokens += n;
+    }
+    (total / tokens.max(1.0)) as f32
+}
+
+pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f32 {
+    t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+}

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests.
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use safetensors::SafeTensors;
+
+#[allow(dead_code)]
+pub type Flex = t1_backends::FlexBackend;
+#[allow(dead_code)]
+pub type FlexInner = burn::backend::Flex;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// The Qwen2 checkpoints made by tests/fixtures/make_qwen2.py.
+pub const CHECKPOINTS: [&str; 4] = ["qwen2-gqa", "qwen2-tied", "qwen2-sharded", "qwen2-bf16"];
+
+/// `input_ids` `[batch, len]` and `logits` `[batch, len, vocab]` computed by transformers.
+pub struct Reference {
+    pub batch: usize,
+    pub len: usize,
+    pub ids: Vec<i64>,
+    pub logits: Vec<f32>,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("input_ids").unwrap();
+    let ids: Vec<i64> = ids_view.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let logits = st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    Reference { batch: ids_view.shape()[0], len: ids_view.shape()[1], ids, logits }
+}
+
+pub fn to_vec<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

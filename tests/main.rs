@@ -1,0 +1,5 @@
+//! Integration tests of t1, compiled as one binary (see crates/t1-cli/Cargo.toml).
+//! Everything runs offline on CPU; `--features wgpu` adds the same checks on wgpu.
+
+mod common;
+mod model;

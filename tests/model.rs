@@ -1,0 +1,204 @@
+//! The Qwen2 model against transformers, the KV cache, padding, and HF checkpoint round trips.
+
+use burn::tensor::backend::Backend;
+use t1_model::{hf, Inputs, KvCache, Qwen2, SaveOptions, WeightDtype};
+
+use crate::common::*;
+
+/// Logits of every fixture checkpoint against transformers' (float32), on backend `B`.
+fn check_reference_logits<B: Backend>(device: &B::Device) {
+    for name in CHECKPOINTS {
+        let r = reference(name);
+        let (_, model) = t1_model::load::<B>(&fixture(name), WeightDtype::F32, device).unwrap();
+        let logits = to_vec(model.forward(&Inputs::dense(r.batch, r.len, r.ids.clone()), None));
+        let diff = max_abs_diff(&logits, &r.logits);
+        println!("{name}: max |logit diff| vs transformers = {diff:.3e}");
+        assert!(diff <= 1e-4, "{name}: max |logit diff| {diff} > 1e-4");
+    }
+}
+
+#[test]
+fn logits_match_transformers_on_flex() {
+    check_reference_logits::<FlexInner>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn logits_match_transformers_on_wgpu() {
+    check_reference_logits::<burn::backend::Wgpu>(&Default::default());
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let r = reference("qwen2-gqa");
+    let device = Default::default();
+    let (_, model) = t1_model::load::<FlexInner>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
+    let (b, t) = (r.batch, r.len);
+    let full = to_vec(model.forward(&Inputs::dense(b, t, r.ids.clone()), None));
+    let vocab = model.vocab_size();
+    // prefill 3 tokens, then one token at a time
+    let prefill = 3;
+    let mut cache = KvCache::new(model.num_layers());
+    let first: Vec<i64> = (0..b).flat_map(|row| r.ids[row * t..row * t + prefill].to_vec()).collect();
+    let out = to_vec(model.forward(&Inputs::dense(b, prefill, first), Some(&mut cache)));
+    for row in 0..b {
+        for i in 0..prefill {
+            let got = &out[(row * prefill + i) * vocab..][..vocab];
+            let want = &full[(row * t + i) * vocab..][..vocab];
+            assert!(max_abs_diff(got, want) < 1e-5);
+        }
+    }
+    for step in prefill..t {
+        let ids: Vec<i64> = (0..b).map(|row| r.ids[row * t + step]).collect();
+        let inputs = Inputs::step(ids, vec![step as i64; b], vec![true; b * (step + 1)]);
+        let out = to_vec(model.forward(&inputs, Some(&mut cache)));
+        for row in 0..b {
+            let want = &full[(row * t + step) * vocab..][..vocab];
+            let diff = max_abs_diff(&out[row * vocab..][..vocab], want);
+            assert!(diff < 1e-5, "step {step} row {row}: {diff}");
+        }
+    }
+    assert_eq!(cache.len(), t);
+}
+
+#[test]
+fn padding_does_not_change_the_logits_of_real_tokens() {
+    let device = Default::default();
+    for name in ["qwen2-gqa", "qwen2-tied"] {
+        let r = reference(name);
+        let (_, model) = t1_model::load::<FlexInner>(&fixture(name), WeightDtype::F32, &device).unwrap();
+        let vocab = model.vocab_size();
+        let t = r.len;
+        let row0: Vec<i64> = r.ids[..t].to_vec();
+        let short: Vec<i64> = r.ids[t..t + 4].to_vec(); // a shorter second sequence
+        let alone = to_vec(model.forward(&Inputs::dense(1, 4, short.clone()), None));
+        let pad = 0i64;
+        for left in [true, false] {
+            let mut ids = row0.clone();
+            let mut mask = vec![true; t];
+            let padding = vec![pad; t - 4];
+            let (row1, mask1): (Vec<i64>, Vec<bool>) = if left {
+                (padding.iter().chain(&short).copied().collect(), (0..t).map(|i| i >= t - 4).collect())
+            } else {
+                (short.iter().chain(&padding).copied().collect(), (0..t).map(|i| i < 4).collect())
+            };
+            ids.extend(row1);
+            mask.extend(mask1);
+            let out = to_vec(model.forward(&Inputs::new(2, t, ids, mask), None));
+            assert!(max_abs_diff(&out[..t * vocab], &r.logits[..t * vocab]) < 1e-4, "{name}: unpadded row changed");
+            let offset = if left { t - 4 } else { 0 };
+            let got = &out[(t + offset) * vocab..(t + offset + 4) * vocab];
+            let diff = max_abs_diff(got, &alone);
+            assert!(diff < 1e-5, "{name} left={left}: padding changed real logits by {diff}");
+        }
+    }
+}
+
+fn assert_same_weights<B: Backend>(a: &Qwen2<B>, b: &Qwen2<B>) {
+    let (ta, tb) = (hf::named_tensors(a), hf::named_tensors(b));
+    assert_eq!(ta.len(), tb.len());
+    for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert_eq!(da.as_bytes(), db.as_bytes(), "{na} changed in the round trip");
+    }
+}
+
+#[test]
+fn save_load_round_trip_is_exact() {
+    let device = Default::default();
+    for name in CHECKPOINTS {
+        let (config, model) = t1_model::load::<FlexInner>(&fixture(name), WeightDtype::F32, &device).unwrap();
+        for max_shard_bytes in [usize::MAX, 20_000] {
+            let dir = tempfile::tempdir().unwrap();
+            t1_model::save(&model, &config, dir.path(), &SaveOptions { dtype: None, max_shard_bytes }).unwrap();
+            let sharded = dir.path().join(hf::INDEX_FILE).exists();
+            assert_eq!(sharded, max_shard_bytes == 20_000, "{name}: sharding");
+            let (config2, model2) = t1_model::load::<FlexInner>(dir.path(), WeightDtype::F32, &device).unwrap();
+            assert_eq!(config2.tie_word_embeddings, config.tie_word_embeddings);
+            assert_same_weights(&model, &model2);
+        }
+    }
+}
+
+#[test]
+fn bf16_files_round_trip_exactly_and_compute_in_bf16() {
+    let device = Default::default();
+    let (config, model) = t1_model::load::<FlexInner>(&fixture("qwen2-bf16"), WeightDtype::Bf16, &device).unwrap();
+    assert_eq!(model.dtype(), burn::tensor::DType::BF16);
+    let dir = tempfile::tempdir().unwrap();
+    t1_model::save(&model, &config, dir.path(), &SaveOptions::default()).unwrap();
+    let original = std::fs::read(fixture("qwen2-bf16").join("model.safetensors")).unwrap();
+    let saved = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let (a, b) = (safetensors::SafeTensors::deserialize(&original).unwrap(), safetensors::SafeTensors::deserialize(&saved).unwrap());
+    for (name, view) in a.tensors() {
+        assert_eq!(view.data(), b.tensor(&name).unwrap().data(), "{name} changed");
+    }
+    let r = reference("qwen2-bf16");
+    let logits = to_vec(model.forward(&Inputs::dense(r.batch, r.len, r.ids.clone()), None));
+    let diff = max_abs_diff(&logits, &r.logits);
+    println!("bf16 compute: max |logit diff| vs transformers f32 = {diff:.3e}");
+    assert!(diff < 0.1, "bf16 logits too far from f32 reference: {diff}");
+}
+
+/// Copies a fixture into a temporary directory so a test can break it.
+fn broken_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_error(dir: &std::path::Path) -> String {
+    t1_model::load::<FlexInner>(dir, WeightDtype::F32, &Default::default()).unwrap_err().to_string()
+}
+
+#[test]
+fn a_config_that_does_not_match_the_weights_names_the_keys() {
+    // one layer more in the config than in the file: the missing keys are named
+    let dir = broken_copy("qwen2-gqa");
+    let path = dir.path().join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    json["num_hidden_layers"] = 3.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("missing tensors: model.layers.2."), "{err}");
+
+    // one layer fewer: the unused keys are named
+    json["num_hidden_layers"] = 1.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("not used") && err.contains("model.layers.1."), "{err}");
+
+    // wrong width: the shapes are named
+    json["num_hidden_layers"] = 2.into();
+    json["intermediate_size"] = 70.into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("mlp.gate_proj.weight has shape [72, 32], config.json implies [70, 32]"), "{err}");
+
+    // another architecture
+    json["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    json["model_type"] = "llama".into();
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("Qwen2ForCausalLM"), "{err}");
+}
+
+#[test]
+fn corrupt_or_missing_weights_are_clear_errors() {
+    let dir = broken_copy("qwen2-tied");
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("corrupt checkpoint file") && err.contains("model.safetensors"), "{err}");
+    // absurd header length
+    let mut evil = u64::MAX.to_le_bytes().to_vec();
+    evil.extend_from_slice(b"{}");
+    std::fs::write(&weights, evil).unwrap();
+    assert!(load_error(dir.path()).contains("corrupt checkpoint file"));
+    std::fs::remove_file(&weights).unwrap();
+    assert!(load_error(dir.path()).contains("no weights in"));
+}
