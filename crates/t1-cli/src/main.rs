@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use t1_backends::{BackendTask, DeviceSpec};
 
+mod eval_cmds;
 mod model_cmds;
+mod report;
+mod train_cmds;
 
 #[derive(Parser)]
 #[command(name = "t1", version, about = "Teach language models to reason: SFT on trial-and-error CoT, RL with exploration, inference scaling")]
@@ -40,6 +43,98 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Datasets: `t1 data synth` writes the laptop task
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Stage 1: supervised fine-tuning on trial-and-error chain-of-thought
+    Sft(TrainArgs),
+    /// Stage 2: reinforcement learning with oversampling, entropy bonus and a dynamic KL anchor
+    Rl(TrainArgs),
+    /// Stage 3: accuracy vs thinking budget (forced answer when the budget runs out)
+    Eval {
+        /// One or more checkpoint directories (each with tokenizer.json); one curve each
+        #[arg(long, required = true)]
+        model: Vec<PathBuf>,
+        /// Problems JSONL ({"prompt", "answer"})
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        budgets: Vec<usize>,
+        /// Samples per problem (> 1 adds pass@n and majority vote)
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        /// 0 = greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Appended when the budget runs out, before the short forced answer
+        #[arg(long)]
+        cue: Option<String>,
+        /// Use only the first N problems (0 = all)
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory for eval.json, eval.csv and accuracy_vs_budget.svg
+        #[arg(long, default_value = "out/eval")]
+        out: PathBuf,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
+    /// The whole recipe on the laptop task: data, SFT, RL, eval, report
+    Demo {
+        #[arg(long, default_value = "out/demo")]
+        out: PathBuf,
+        /// A few-minute run that exercises every stage (for CI)
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
+    /// Grade responses: each line {"response", "answer"} gives {"correct", "extracted"}
+    Grade {
+        #[arg(long)]
+        input: PathBuf,
+        /// Output JSONL (stdout when absent)
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Regex with one group, used when a response has no \boxed{}
+        #[arg(long)]
+        answer_pattern: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate the laptop task (problems with trial-and-error solutions) and its tokenizer
+    Synth {
+        /// Output directory
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML with [task], [splits], vocab_size, seed (all optional)
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. --set task.max_operands=3
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML run config (see configs/)
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a setting, e.g. --set optim.lr=1e-4 (repeatable)
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Continue from the newest complete checkpoint in out_dir
+    #[arg(long)]
+    resume: bool,
+    /// flex (CPU), wgpu, wgpu:N, cuda, cuda:N
+    #[arg(long, default_value = "flex")]
+    device: DeviceSpec,
 }
 
 fn main() {
@@ -61,7 +156,36 @@ fn run(cli: Cli) -> Result<()> {
             }
             dispatch(&device, model_cmds::Logits { model, ids, out, dtype })
         }
+        Command::Data { command: DataCommand::Synth { out, config, sets } } => train_cmds::synth(&out, config.as_deref(), &sets),
+        Command::Sft(a) => {
+            let (config, resolved) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&a.config), &a.sets)?;
+            config.validate()?;
+            check_dtype(&a.device, &config.model.dtype)?;
+            dispatch(&a.device, train_cmds::Sft { config, resolved, resume: a.resume })
+        }
+        Command::Rl(a) => {
+            let (config, resolved) = t1_train::load_config::<t1_train::rl::RlConfig>(Some(&a.config), &a.sets)?;
+            config.validate()?;
+            check_dtype(&a.device, &config.model.dtype)?;
+            dispatch(&a.device, train_cmds::Rl { config, resolved, resume: a.resume })
+        }
+        Command::Eval { model, data, budgets, samples, temperature, cue, limit, seed, out, device } => {
+            let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, ..Default::default() };
+            config.budgets.sort_unstable();
+            if let Some(cue) = cue {
+                config.forced_answer_cue = cue;
+            }
+            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, data, config, limit, out })??;
+            Ok(())
+        }
+        Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),
+        Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),
     }
+}
+
+fn check_dtype(device: &DeviceSpec, dtype: &str) -> Result<()> {
+    let d = t1_model::WeightDtype::parse(dtype).with_context(|| format!("unknown dtype {dtype:?}: use f32 or bf16"))?;
+    Ok(t1_backends::check_dtype(device, d.burn())?)
 }
 
 /// Runs a generic task on the backend `device` names.

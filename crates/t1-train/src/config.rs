@@ -13,13 +13,17 @@ use crate::TrainError;
 /// resolved TOML text (saved next to every checkpoint).
 pub fn load_config<T: DeserializeOwned + Serialize + Default>(path: Option<&Path>, sets: &[String]) -> Result<(T, String), TrainError> {
     let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "the defaults".into());
-    let mut doc: toml::Table = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?;
-            toml::from_str(&text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.to_string() })?
-        }
-        None => toml::Table::new(),
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?,
+        None => String::new(),
     };
+    load_config_text(&text, &origin, sets)
+}
+
+/// [`load_config`] from TOML text (`origin` names it in errors), e.g. a preset embedded in the binary.
+pub fn load_config_text<T: DeserializeOwned + Serialize + Default>(text: &str, origin: &str, sets: &[String]) -> Result<(T, String), TrainError> {
+    let origin = origin.to_string();
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.to_string() })?;
     // check the file alone first, so that its errors point at its own lines
     let text = toml::to_string(&doc).expect("toml");
     toml::from_str::<T>(&text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.message().to_string() })?;

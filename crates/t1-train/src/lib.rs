@@ -4,6 +4,7 @@
 pub mod common;
 pub mod config;
 pub mod generate;
+pub mod rl;
 pub mod sft;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use t1_data::{ChatTokenizer, Problem};
 use t1_model::Qwen2;
 
-pub use config::load_config;
+pub use config::{load_config, load_config_text};
 pub use generate::{generate, Rollout, SamplingConfig};
 
 #[derive(Debug, thiserror::Error)]

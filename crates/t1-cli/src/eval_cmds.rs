@@ -1,0 +1,130 @@
+//! `t1 eval` (accuracy vs thinking budget) and `t1 demo` (the whole recipe on the laptop task).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use t1_backends::{BackendTask, DeviceSpec};
+use t1_data::{ChatTokenizer, OnBadLine};
+use t1_eval::{EvalConfig, EvalReport};
+use t1_model::WeightDtype;
+
+pub struct Eval {
+    pub models: Vec<PathBuf>,
+    pub data: PathBuf,
+    pub config: EvalConfig,
+    pub limit: usize,
+    pub out: PathBuf,
+}
+
+impl BackendTask for Eval {
+    type Output = Result<Vec<EvalReport>>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Vec<EvalReport>> {
+        let mut problems = t1_data::read_problems(&self.data, OnBadLine::Error)?.items;
+        if self.limit > 0 {
+            problems.truncate(self.limit);
+        }
+        let mut reports = vec![];
+        for dir in &self.models {
+            let (config, model) = t1_model::load::<B::InnerBackend>(dir, WeightDtype::F32, &device)?;
+            let tokenizer = ChatTokenizer::from_file(&dir.join("tokenizer.json"))
+                .with_context(|| format!("{} needs a tokenizer.json next to its weights", dir.display()))?;
+            tokenizer.check_model_vocab(config.vocab_size)?;
+            let name = model_name(dir);
+            let report = t1_eval::evaluate(&model, &tokenizer, &problems, &self.config, &name);
+            for b in &report.results {
+                eprintln!("{name}: budget {:>5} accuracy {:.3} pass@{} {:.3} maj@{} {:.3} tokens {:.1}", b.budget, b.accuracy, report.samples, b.pass_at_n, report.samples, b.majority_accuracy, b.mean_tokens);
+            }
+            reports.push(report);
+        }
+        std::fs::create_dir_all(&self.out)?;
+        std::fs::write(self.out.join("eval.json"), serde_json::to_string_pretty(&reports)?)?;
+        t1_eval::write_csv(&self.out.join("eval.csv"), &reports)?;
+        t1_eval::plot_budget_curves(&self.out.join("accuracy_vs_budget.svg"), &reports).map_err(anyhow::Error::msg)?;
+        eprintln!("wrote eval.json, eval.csv and accuracy_vs_budget.svg to {}", self.out.display());
+        Ok(reports)
+    }
+}
+
+/// A short name for a checkpoint directory: its last two path components.
+fn model_name(dir: &Path) -> String {
+    let parts: Vec<String> = dir.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().to_string()).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
+/// `t1 demo`: synth data → SFT → RL → eval of both → report, timing each stage.
+pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
+    let started = Instant::now();
+    let mut timings: Vec<(&str, f32)> = vec![];
+    let data = out.join("data");
+    let p = |x: &Path| x.display().to_string();
+    let synth_sets: Vec<String> = if quick {
+        vec!["splits.train=2000".into(), "splits.rl=500".into(), "splits.test=64".into()]
+    } else {
+        vec![]
+    };
+    let t = Instant::now();
+    crate::train_cmds::synth(&data, None, &synth_sets)?;
+    timings.push(("data + tokenizer", t.elapsed().as_secs_f32()));
+
+    let sft_dir = out.join("sft");
+    let mut sets = vec![
+        format!("out_dir={:?}", p(&sft_dir)),
+        format!("data.train={:?}", p(&data.join("sft_train.jsonl"))),
+        format!("data.eval={:?}", p(&data.join("sft_eval.jsonl"))),
+        format!("data.eval_problems={:?}", p(&data.join("test.jsonl"))),
+        format!("data.tokenizer={:?}", p(&data.join("tokenizer.json"))),
+    ];
+    if quick {
+        sets.extend(["train.max_steps=8", "train.eval_every=0", "train.eval_problems=16", "train.save_every=4", "model.scratch.num_hidden_layers=2", "model.scratch.hidden_size=64", "model.scratch.intermediate_size=160"].map(String::from));
+    }
+    let (sft_cfg, resolved) = load_embedded::<t1_train::sft::SftConfig>(include_str!("../../../configs/laptop-sft.toml"), &sets)?;
+    let t = Instant::now();
+    crate::dispatch(device, crate::train_cmds::Sft { config: sft_cfg, resolved, resume: false })?;
+    timings.push(("sft", t.elapsed().as_secs_f32()));
+
+    let rl_dir = out.join("rl");
+    let mut sets = vec![
+        format!("out_dir={:?}", p(&rl_dir)),
+        format!("model.checkpoint={:?}", p(&sft_dir.join("final"))),
+        format!("data.train={:?}", p(&data.join("rl.jsonl"))),
+        format!("data.eval_problems={:?}", p(&data.join("test.jsonl"))),
+    ];
+    if quick {
+        sets.extend(["train.steps=2", "train.eval_every=0", "train.eval_problems=8", "train.save_every=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "sampling.max_new_tokens=48"].map(String::from));
+    }
+    let (rl_cfg, resolved) = load_embedded::<t1_train::rl::RlConfig>(include_str!("../../../configs/laptop-rl.toml"), &sets)?;
+    let t = Instant::now();
+    crate::dispatch(device, crate::train_cmds::Rl { config: rl_cfg, resolved, resume: false })?;
+    timings.push(("rl", t.elapsed().as_secs_f32()));
+
+    let mut eval_cfg = EvalConfig::default();
+    let limit = if quick {
+        eval_cfg.budgets = vec![8, 16, 32];
+        eval_cfg.samples = 1;
+        8
+    } else {
+        eval_cfg.budgets = vec![16, 32, 48, 64, 96, 128, 160];
+        eval_cfg.samples = 4;
+        eval_cfg.temperature = 0.6;
+        200
+    };
+    let t = Instant::now();
+    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], data: data.join("test.jsonl"), config: eval_cfg, limit, out: out.to_path_buf() };
+    let reports = t1_backends::dispatch(device, task)??;
+    timings.push(("eval", t.elapsed().as_secs_f32()));
+    crate::report::write(out, &sft_dir, &rl_dir, &reports, &timings, started.elapsed().as_secs_f32())?;
+    eprintln!("where the time went:");
+    for (stage, s) in &timings {
+        eprintln!("  {stage:<18} {s:>8.1} s");
+    }
+    eprintln!("  {:<18} {:>8.1} s", "total", started.elapsed().as_secs_f32());
+    eprintln!("report: {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// A preset embedded in the binary, with `--set` style overrides.
+fn load_embedded<T: serde::de::DeserializeOwned + serde::Serialize + Default>(text: &str, sets: &[String]) -> Result<(T, String)> {
+    Ok(t1_train::load_config_text::<T>(text, "the embedded preset", sets)?)
+}

@@ -1,0 +1,131 @@
+//! `t1 data synth`, `t1 sft`, `t1 rl`, `t1 grade`: thin glue from the CLI to the libraries.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use t1_backends::BackendTask;
+use t1_data::TaskConfig;
+
+/// `t1 data synth` settings (a `[task]` table and split sizes), all with defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SynthConfig {
+    pub task: TaskConfig,
+    pub splits: SplitSizes,
+    /// BPE vocabulary size of the task tokenizer.
+    pub vocab_size: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SplitSizes {
+    pub train: usize,
+    pub rl: usize,
+    pub test: usize,
+}
+
+impl Default for SplitSizes {
+    fn default() -> Self {
+        Self { train: 20000, rl: 4000, test: 500 }
+    }
+}
+
+/// Writes the laptop task: sft_train.jsonl, sft_eval.jsonl, rl.jsonl, test.jsonl, tokenizer.json.
+pub fn synth(out: &Path, config: Option<&Path>, sets: &[String]) -> Result<()> {
+    let (mut cfg, _) = t1_train::load_config::<SynthConfig>(config, sets)?;
+    if cfg.vocab_size == 0 {
+        cfg.vocab_size = 512;
+    }
+    cfg.task.validate()?;
+    let needed = (cfg.splits.train + cfg.splits.rl + cfg.splits.test) as u128 * 2;
+    anyhow::ensure!(
+        cfg.task.num_prompts() >= needed,
+        "the task has only {} distinct problems, too few for splits of {} + {} + {}: raise task.max_operand or task.max_operands, or lower the split sizes",
+        cfg.task.num_prompts(), cfg.splits.train, cfg.splits.rl, cfg.splits.test
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let s = t1_data::splits(&cfg.task, cfg.seed, cfg.splits.train, cfg.splits.rl, cfg.splits.test);
+    let texts: Vec<String> = s.train.iter().flat_map(|x| [x.prompt.clone(), x.solution.clone()]).collect();
+    let tokenizer = t1_data::train_bpe(&texts, cfg.vocab_size)?;
+    tokenizer.save(&out.join("tokenizer.json"))?;
+    let sft = |v: &[t1_data::Sample]| v.iter().map(t1_data::sft_example).collect::<Vec<_>>();
+    let problems = |v: &[t1_data::Sample]| v.iter().map(t1_data::problem).collect::<Vec<_>>();
+    t1_data::write_jsonl(&out.join("sft_train.jsonl"), &sft(&s.train))?;
+    t1_data::write_jsonl(&out.join("sft_eval.jsonl"), &sft(&s.test))?;
+    t1_data::write_jsonl(&out.join("rl.jsonl"), &problems(&s.rl))?;
+    t1_data::write_jsonl(&out.join("test.jsonl"), &problems(&s.test))?;
+    std::fs::write(out.join("synth.toml"), toml::to_string(&cfg)?)?;
+    eprintln!(
+        "wrote {} train, {} rl, {} test problems and a {}-token tokenizer to {}",
+        s.train.len(), s.rl.len(), s.test.len(), tokenizer.vocab_size(), out.display()
+    );
+    Ok(())
+}
+
+pub struct Sft {
+    pub config: t1_train::sft::SftConfig,
+    pub resolved: String,
+    pub resume: bool,
+}
+
+impl BackendTask for Sft {
+    type Output = Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let summary = t1_train::sft::run_sft::<B>(&self.config, &self.resolved, self.resume, &device)?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    }
+}
+
+pub struct Rl {
+    pub config: t1_train::rl::RlConfig,
+    pub resolved: String,
+    pub resume: bool,
+}
+
+impl BackendTask for Rl {
+    type Output = Result<()>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let summary = t1_train::rl::run_rl::<B>(&self.config, &self.resolved, self.resume, &device)?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct GradeInput {
+    response: String,
+    answer: serde_json::Value,
+}
+
+/// `t1 grade`: one output line per input line, in order.
+pub fn grade(input: &Path, output: Option<&PathBuf>, answer_pattern: Option<String>) -> Result<()> {
+    let cfg = t1_reward::GraderConfig { answer_pattern, ..Default::default() };
+    cfg.validate()?;
+    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let mut lines = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}:{}", input.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: GradeInput = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: expected {{\"response\": string, \"answer\": string}}", input.display(), i + 1))?;
+        let answer = match item.answer {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let g = t1_reward::grade(&item.response, &answer, &cfg);
+        lines.push(serde_json::json!({"correct": g.correct, "extracted": g.extracted}).to_string());
+    }
+    let text = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    match output {
+        Some(path) => t1_model::hf::write_atomic(path, text.as_bytes())?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
