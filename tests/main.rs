@@ -1,5 +1,7 @@
 //! Integration tests of t1, compiled as one binary (see crates/t1-cli/Cargo.toml).
 //! Everything runs offline on CPU; `--features wgpu` adds the same checks on wgpu.
 
+mod cli;
 mod common;
 mod model;
+mod train;
