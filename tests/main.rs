@@ -3,5 +3,6 @@
 
 mod cli;
 mod common;
+mod crosscheck;
 mod model;
 mod train;

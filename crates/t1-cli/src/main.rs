@@ -43,6 +43,27 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Sample responses to prompts (chat format); prints one JSON line per prompt
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// A user message (repeatable)
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 = greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
     /// Datasets: `t1 data synth` writes the laptop task
     Data {
         #[command(subcommand)]
@@ -91,6 +112,24 @@ enum Command {
         quick: bool,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
+    },
+    /// Check that devices agree: logits, log-probs, losses, gradients and an AdamW step
+    Crosscheck {
+        /// Devices to compare, the first is the reference, e.g. flex,wgpu
+        #[arg(long, value_delimiter = ',', default_value = "flex,wgpu")]
+        devices: Vec<DeviceSpec>,
+        /// Your checkpoint (default: a random tiny Qwen2)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        batch: usize,
+        #[arg(long, default_value_t = 12)]
+        len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// One row per parameter instead of the worst one
+        #[arg(long)]
+        verbose: bool,
     },
     /// Grade responses: each line {"response", "answer"} gives {"correct", "extracted"}
     Grade {
@@ -156,6 +195,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             dispatch(&device, model_cmds::Logits { model, ids, out, dtype })
         }
+        Command::Generate { model, prompts, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+            let sampling = t1_train::SamplingConfig { temperature, top_p, top_k, max_new_tokens };
+            sampling.validate().map_err(anyhow::Error::msg)?;
+            dispatch(&device, model_cmds::Generate { model, prompts, sampling, seed })
+        }
         Command::Data { command: DataCommand::Synth { out, config, sets } } => train_cmds::synth(&out, config.as_deref(), &sets),
         Command::Sft(a) => {
             let (config, resolved) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&a.config), &a.sets)?;
@@ -179,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),
+        Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),
         Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),
     }
 }

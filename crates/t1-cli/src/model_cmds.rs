@@ -8,6 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use t1_backends::BackendTask;
 use t1_model::{hf, Inputs, Qwen2Config, WeightDtype};
 
+
 pub fn info(dir: &Path) -> Result<()> {
     let config = Qwen2Config::from_file(&dir.join(hf::CONFIG_FILE))?;
     let files = hf::weight_files(dir)?;
@@ -52,4 +53,98 @@ impl BackendTask for Logits {
         hf::write_atomic(&self.out, &data)?;
         Ok(())
     }
+}
+
+pub struct Generate {
+    pub model: PathBuf,
+    pub prompts: Vec<String>,
+    pub sampling: t1_train::SamplingConfig,
+    pub seed: u64,
+}
+
+impl BackendTask for Generate {
+    type Output = Result<()>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        use rand::SeedableRng;
+        let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, WeightDtype::F32, &device)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        let tokenizer = t1_data::ChatTokenizer::from_file(&self.model.join("tokenizer.json"))?;
+        tokenizer.check_model_vocab(config.vocab_size)?;
+        let prompts: Vec<Vec<u32>> = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut eos = config.eos_token_ids();
+        eos.push(tokenizer.eos_id());
+        let outs = t1_train::generate(&model, &prompts, &self.sampling, &eos, tokenizer.pad_id(), &mut rng);
+        for (p, o) in self.prompts.iter().zip(outs) {
+            let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "truncated": o.truncated});
+            println!("{line}");
+        }
+        Ok(())
+    }
+}
+
+/// Computes the cross-check quantities of a case on one backend.
+pub struct CrossCompute {
+    pub case: t1_train::crosscheck::Case,
+}
+
+impl BackendTask for CrossCompute {
+    type Output = Vec<t1_train::crosscheck::Quantity>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        t1_train::crosscheck::compute::<B>(&self.case, &device)
+    }
+}
+
+/// `t1 crosscheck`: the same model and batch on every device, compared with the first.
+pub fn crosscheck(devices: &[t1_backends::DeviceSpec], model: Option<&Path>, batch: usize, len: usize, seed: u64, verbose: bool) -> Result<()> {
+    use t1_train::crosscheck::{compare, Case};
+    anyhow::ensure!(devices.len() >= 2, "give at least two devices, e.g. --devices flex,wgpu");
+    let case = match model {
+        Some(dir) => {
+            let (config, m) = t1_model::load::<burn::backend::Flex>(dir, WeightDtype::F32, &Default::default())?;
+            let mut case = Case::random(&config, batch, len, seed);
+            case.weights = hf::named_tensors(&m);
+            case
+        }
+        None => {
+            let mut config = Qwen2Config::tiny(97, 48, 2, 6, 2);
+            config.tie_word_embeddings = false;
+            Case::random(&config, batch, len, seed)
+        }
+    };
+    let reference = t1_backends::dispatch(&devices[0], CrossCompute { case: case.clone() })?;
+    let mut failed = false;
+    for other in &devices[1..] {
+        let values = t1_backends::dispatch(other, CrossCompute { case: case.clone() })?;
+        let rows = compare(&reference, &values);
+        println!("{} vs {}", devices[0], other);
+        println!("{:<44} {:>12} {:>12} {:>12}  result", "quantity", "max |diff|", "max rel", "allowed");
+        // per-parameter rows are summarised by their worst entry unless --verbose
+        let mut shown: Vec<t1_train::crosscheck::Row> = vec![];
+        for row in rows {
+            let group = if verbose { None } else { ["grad/", "adamw_step/"].into_iter().find(|g| row.quantity.starts_with(g)) };
+            match group {
+                Some(g) => {
+                    let name = format!("{g}* (every parameter)");
+                    match shown.iter_mut().find(|r| r.quantity == name) {
+                        Some(r) => {
+                            r.pass &= row.pass;
+                            if row.max_abs / row.allowed.max(1e-30) > r.max_abs / r.allowed.max(1e-30) {
+                                (r.max_abs, r.max_rel, r.allowed) = (row.max_abs, row.max_rel, row.allowed);
+                            }
+                        }
+                        None => shown.push(t1_train::crosscheck::Row { quantity: name, ..row }),
+                    }
+                }
+                None => shown.push(row),
+            }
+        }
+        for r in &shown {
+            println!("{:<44} {:>12.3e} {:>12.3e} {:>12.3e}  {}", r.quantity, r.max_abs, r.max_rel, r.allowed, if r.pass { "pass" } else { "FAIL" });
+            failed |= !r.pass;
+        }
+    }
+    anyhow::ensure!(!failed, "the backends disagree beyond the documented tolerances (see the table)");
+    Ok(())
 }

@@ -169,9 +169,31 @@ pub fn load<B: Backend>(dir: &Path, dtype: WeightDtype, device: &B::Device) -> R
         }
     }
     tensors.retain(|name, _| !is_ignored_buffer(name));
+    let model = from_tensors(&config, tensors, dtype, device).map_err(|message| ModelError::Mismatch { dir: dir.to_path_buf(), message })?;
+    Ok((config, model))
+}
 
+/// Builds a model from HF-named, HF-layout tensors (as [`named_tensors`] returns them). Every
+/// tensor must be used and every parameter filled with the right shape, else the message
+/// lists every problem.
+pub fn from_named_tensors<B: Backend>(
+    config: &Qwen2Config,
+    tensors: Vec<(String, TensorData)>,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<Qwen2<B>, String> {
+    let map = tensors.into_iter().map(|(n, d)| (n, (d.shape.to_vec(), d))).collect();
+    from_tensors(config, map, dtype, device)
+}
+
+fn from_tensors<B: Backend>(
+    config: &Qwen2Config,
+    mut tensors: HashMap<String, (Vec<usize>, TensorData)>,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<Qwen2<B>, String> {
     // Check names and shapes before building anything, and report every problem at once.
-    let expected = expected_tensors(&config);
+    let expected = expected_tensors(config);
     let mut problems = Vec::new();
     let missing: Vec<_> = expected.iter().filter(|(n, _)| !tensors.contains_key(n)).map(|(n, _)| n.as_str()).collect();
     if !missing.is_empty() {
@@ -197,12 +219,13 @@ pub fn load<B: Backend>(dir: &Path, dtype: WeightDtype, device: &B::Device) -> R
         problems.push(format!("tensors not used by a Qwen2 model of this config: {}", short_list(&unused)));
     }
     if !problems.is_empty() {
-        return Err(ModelError::Mismatch { dir: dir.to_path_buf(), message: problems.join("; ") });
+        return Err(problems.join("; "));
     }
-
+    if config.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+    }
     let mut weights = Weights { tensors, dtype: dtype.burn(), device };
-    let model = weights.build(&config).with_stable_param_ids();
-    Ok((config, model))
+    Ok(weights.build(config).with_stable_param_ids())
 }
 
 fn short_list(names: &[&str]) -> String {

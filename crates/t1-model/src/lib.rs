@@ -8,7 +8,7 @@ pub mod hf;
 mod model;
 
 pub use config::Qwen2Config;
-pub use hf::{load, save, SaveOptions, WeightDtype};
+pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
 pub use model::{Inputs, KvCache, Qwen2};
 
 use std::path::{Path, PathBuf};

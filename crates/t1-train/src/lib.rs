@@ -3,6 +3,7 @@
 
 pub mod common;
 pub mod config;
+pub mod crosscheck;
 pub mod generate;
 pub mod rl;
 pub mod sft;
