@@ -218,6 +218,9 @@ impl RlConfig {
             return bad("data.train is empty: give a problems JSONL file".into());
         }
         self.sampling.validate().or_else(|m| bad(format!("sampling: {m}")))?;
+        if self.sampling.temperature <= 0.0 {
+            return bad("sampling.temperature must be > 0 for RL (greedy rollouts have no exploration)".into());
+        }
         self.reward.grader.validate().or_else(|e| bad(format!("reward.grader: {e}")))?;
         let r = &self.rollout;
         if r.prompts_per_step == 0 || r.samples_per_prompt == 0 {
