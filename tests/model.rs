@@ -1,6 +1,7 @@
 //! The Qwen2 model against transformers, the KV cache, padding, and HF checkpoint round trips.
 
 use burn::tensor::backend::Backend;
+use burn::module::AutodiffModule;
 use t1_model::{hf, Inputs, KvCache, Qwen2, SaveOptions, WeightDtype};
 
 use crate::common::*;
@@ -201,4 +202,57 @@ fn corrupt_or_missing_weights_are_clear_errors() {
     assert!(load_error(dir.path()).contains("corrupt checkpoint file"));
     std::fs::remove_file(&weights).unwrap();
     assert!(load_error(dir.path()).contains("no weights in"));
+}
+
+/// Gradients of the LM loss match PyTorch's (tests/fixtures/make_grads.py) for every parameter:
+/// embedding, GQA q/k/v through RoPE and the kv repeat, o_proj, MLP, norms, untied head.
+#[test]
+fn gradients_match_pytorch() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = Default::default();
+    let (config, model) = t1_model::load::<Flex>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
+    let r = reference("qwen2-gqa");
+    let (b, t) = (r.batch, r.len - 1);
+    let ids: Vec<i64> = (0..b).flat_map(|row| r.ids[row * r.len..row * r.len + t].to_vec()).collect();
+    let targets: Vec<i64> = (0..b).flat_map(|row| r.ids[row * r.len + 1..(row + 1) * r.len].to_vec()).collect();
+    let logits = model.forward(&Inputs::dense(b, t, ids), None);
+    let tg = Tensor::<Flex, 2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
+    let loss = t1_algo::token_logprobs(logits, tg).mean().neg();
+    let loss_value = to_vec(loss.clone())[0];
+    let grads = loss.backward();
+
+    struct Collect<'a>(&'a <Flex as burn::tensor::backend::AutodiffBackend>::Gradients, Vec<(Vec<usize>, Vec<f32>)>);
+    impl ModuleVisitor<Flex> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
+            self.1.push((p.val().dims().to_vec(), p.val().grad(self.0).map(to_vec).unwrap_or_default()));
+        }
+    }
+    let mut c = Collect(&grads, vec![]);
+    model.visit(&mut c);
+    // module order is the HF order of hf::expected_tensors
+    let names: Vec<(String, Vec<usize>)> = hf::expected_tensors(&config);
+    assert_eq!(names.len(), c.1.len());
+    let bytes = std::fs::read(fixture("qwen2-gqa").join("grads.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |n: &str| -> Vec<f32> { st.tensor(n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    assert!((loss_value - f32s("loss")[0]).abs() < 1e-5, "loss {loss_value} vs {}", f32s("loss")[0]);
+    let mut worst = 0f32;
+    for ((name, hf_shape), (dims, g)) in names.iter().zip(&c.1) {
+        let want = f32s(name);
+        // burn Linear weights are [in, out]: transpose to HF [out, in]
+        let is_linear = name.ends_with("proj.weight") || name == "lm_head.weight";
+        let _ = dims;
+        let got: Vec<f32> = if is_linear {
+            let (o, i) = (hf_shape[0], hf_shape[1]);
+            (0..o * i).map(|k| g[(k % i) * o + k / i]).collect()
+        } else {
+            g.clone()
+        };
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-6 + 1e-4 * scale, "{name}: max |grad diff| {diff:.3e} (scale {scale:.3e})");
+        worst = worst.max(diff / scale.max(1e-12));
+    }
+    println!("gradients vs PyTorch: worst max |diff| / max |grad| = {worst:.3e}");
 }
