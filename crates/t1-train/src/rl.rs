@@ -280,6 +280,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     } else {
         t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
     };
+    check_context(&problems, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
     let mut optim = AdamWConfig::new()
         .with_beta_1(cfg.optim.beta1)
         .with_beta_2(cfg.optim.beta2)
@@ -415,6 +416,22 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
     metrics.log(&json!({"event": "end", "summary": summary}));
     Ok(summary)
+}
+
+/// Every prompt plus `max_new_tokens` must fit the model's context.
+fn check_context(problems: &[Problem], tokenizer: &ChatTokenizer, max_new: usize, context: usize, path: &std::path::Path) -> Result<(), TrainError> {
+    for (i, p) in problems.iter().enumerate() {
+        let n = tokenizer.encode_prompt(&p.prompt).len();
+        if n + max_new > context {
+            return Err(TrainError::Config {
+                origin: format!("{} problem {}", path.display(), i + 1),
+                message: format!(
+                    "the prompt has {n} tokens; with sampling.max_new_tokens = {max_new} that exceeds the model's context of {context} (max_position_embeddings): shorten the prompt or lower max_new_tokens"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 struct GenStats {

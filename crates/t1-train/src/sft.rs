@@ -312,6 +312,15 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     B::seed(device, t.seed);
     let (model_config, mut model, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
+    if cfg.data.max_len > model_config.max_position_embeddings {
+        return Err(TrainError::Config {
+            origin: "data.max_len".into(),
+            message: format!(
+                "{} exceeds the model's context of {} tokens (max_position_embeddings): lower data.max_len",
+                cfg.data.max_len, model_config.max_position_embeddings
+            ),
+        });
+    }
     let (train, skipped) = tokenize_sft(&tokenizer, &cfg.data.train, cfg.data.max_len, cfg.data.skip_bad_lines)?;
     if skipped > 0 {
         eprintln!("skipped {skipped} malformed lines of {}", cfg.data.train.display());
