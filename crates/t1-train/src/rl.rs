@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
@@ -281,12 +281,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
     };
     check_context(&problems, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(cfg.optim.beta1)
-        .with_beta_2(cfg.optim.beta2)
-        .with_epsilon(cfg.optim.eps)
-        .with_weight_decay(cfg.optim.weight_decay)
-        .init::<B, Qwen2<B>>();
+    let mut optim = cfg.optim.adamw().init::<B, Qwen2<B>>();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     let dtype = WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32);
     if resume {

@@ -190,6 +190,13 @@ impl Default for SftTrain {
     }
 }
 
+impl OptimConfig {
+    /// burn's AdamW with these moments, epsilon and (decoupled) weight decay.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig::new().with_beta_1(self.beta1).with_beta_2(self.beta2).with_epsilon(self.eps).with_weight_decay(self.weight_decay)
+    }
+}
+
 impl SftConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: &str| Err(TrainError::Config { origin: "sft config".into(), message: m.into() });
@@ -340,12 +347,7 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
     let per_step = t.batch_size * t.grad_accum;
     let steps_per_epoch = train.len().div_ceil(per_step);
     let total = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(cfg.optim.beta1)
-        .with_beta_2(cfg.optim.beta2)
-        .with_epsilon(cfg.optim.eps)
-        .with_weight_decay(cfg.optim.weight_decay)
-        .init::<B, Qwen2<B>>();
+    let mut optim = cfg.optim.adamw().init::<B, Qwen2<B>>();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     if resume {
         match common::list_checkpoints(&cfg.out_dir).last() {
