@@ -349,9 +349,14 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt()) + bias;
-        let attn = softmax(scores, 3).matmul(v); // [b, h, t, d]
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a kv
+        // head (HF's repeat_kv order: query head i uses kv head i / rep) are stacked along the
+        // position axis, [b, h, t, d] → [b, kv_heads, rep * t, d].
+        let (rep, s) = (h / kvh, k.dims()[2]);
+        let q = q.reshape([b, kvh, rep * t, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt()); // [b, kvh, rep*t, s]
+        let probs = softmax(scores.reshape([b, h, t, s]) + bias, 3);
+        let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
         self.o_proj.forward(attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
@@ -363,13 +368,4 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -
     let x2 = x.clone().slice([0..b, 0..n, 0..t, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
-}
-
-/// `[batch, kv_heads, s, d]` → `[batch, kv_heads * rep, s, d]`, each kv head repeated `rep` times.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, rep: usize) -> Tensor<B, 4> {
-    if rep == 1 {
-        return x;
-    }
-    let [b, kvh, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, kvh, rep, s, d]).reshape([b, kvh * rep, s, d])
 }
