@@ -79,7 +79,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     if quick {
         sets.extend(["train.max_steps=8", "train.eval_every=0", "train.eval_problems=16", "train.save_every=4", "model.scratch.num_hidden_layers=2", "model.scratch.hidden_size=64", "model.scratch.intermediate_size=160"].map(String::from));
     }
-    let (sft_cfg, resolved) = load_embedded::<t1_train::sft::SftConfig>(include_str!("../../../configs/laptop-sft.toml"), &sets)?;
+    let (sft_cfg, resolved) = t1_train::load_config_text::<t1_train::sft::SftConfig>(include_str!("../../../configs/laptop-sft.toml"), "the embedded laptop SFT preset", &sets)?;
     let t = Instant::now();
     crate::dispatch(device, crate::train_cmds::Sft { config: sft_cfg, resolved, resume: false })?;
     timings.push(("sft", t.elapsed().as_secs_f32()));
@@ -94,7 +94,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     if quick {
         sets.extend(["train.steps=2", "train.eval_every=0", "train.eval_problems=8", "train.save_every=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "sampling.max_new_tokens=48"].map(String::from));
     }
-    let (rl_cfg, resolved) = load_embedded::<t1_train::rl::RlConfig>(include_str!("../../../configs/laptop-rl.toml"), &sets)?;
+    let (rl_cfg, resolved) = t1_train::load_config_text::<t1_train::rl::RlConfig>(include_str!("../../../configs/laptop-rl.toml"), "the embedded laptop RL preset", &sets)?;
     let t = Instant::now();
     crate::dispatch(device, crate::train_cmds::Rl { config: rl_cfg, resolved, resume: false })?;
     timings.push(("rl", t.elapsed().as_secs_f32()));
@@ -122,9 +122,4 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     eprintln!("  {:<18} {:>8.1} s", "total", started.elapsed().as_secs_f32());
     eprintln!("report: {}", out.join("report.md").display());
     Ok(())
-}
-
-/// A preset embedded in the binary, with `--set` style overrides.
-fn load_embedded<T: serde::de::DeserializeOwned + serde::Serialize + Default>(text: &str, sets: &[String]) -> Result<(T, String)> {
-    Ok(t1_train::load_config_text::<T>(text, "the embedded preset", sets)?)
 }

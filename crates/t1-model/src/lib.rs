@@ -26,8 +26,6 @@ pub enum ModelError {
     Corrupt { path: PathBuf, message: String },
     #[error("checkpoint {dir} does not match its config.json: {message}")]
     Mismatch { dir: PathBuf, message: String },
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 impl ModelError {

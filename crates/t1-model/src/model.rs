@@ -78,14 +78,6 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Keeps only the given batch rows (e.g. after some sequences finished).
-    pub fn select_rows(&mut self, rows: Tensor<B, 1, Int>) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.clone().select(0, rows.clone());
-            *v = v.clone().select(0, rows.clone());
-        }
-    }
 }
 
 /// Host-side inputs of one forward call: ids, rotary positions and the attention bias.
