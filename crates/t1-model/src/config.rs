@@ -109,11 +109,13 @@ impl Qwen2Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        config.validate().map_err(|message| ModelError::Config { path: path.to_path_buf(), message })?;
+        Self::from_json(&text).map_err(|message| ModelError::Config { path: path.to_path_buf(), message })
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let config: Self = serde_json::from_str(text).map_err(|e| format!("not a valid Qwen2 config.json: {e}"))?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -163,14 +165,17 @@ impl Qwen2Config {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim()));
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim ({}) must be even and > 0 for rotary embeddings", self.head_dim()));
         }
         if !(self.rope_theta() > 0.0) {
             return Err("rope_theta must be > 0".into());
         }
         if !(self.rms_norm_eps > 0.0) {
             return Err("rms_norm_eps must be > 0".into());
+        }
+        if self.checked_num_parameters().is_none() {
+            return Err("the sizes give more than 2^64 parameters: check vocab_size, hidden_size, intermediate_size, head_dim and the layer and head counts".into());
         }
         Ok(())
     }
@@ -195,16 +200,24 @@ impl Qwen2Config {
         }
     }
 
-    /// Number of parameters of the model this config describes.
+    /// Number of parameters of the model this config describes (saturated at `usize::MAX`;
+    /// a validated config does not overflow).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::num_parameters`], `None` on overflow.
+    fn checked_num_parameters(&self) -> Option<usize> {
+        let mul = usize::checked_mul;
         let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim());
-        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
-        let attn = h * q + q + 2 * (h * kv + kv) + q * h;
-        let mlp = 3 * h * i;
-        let layer = attn + mlp + 2 * h;
-        let embed = self.vocab_size * h;
+        let (q, kv) = (mul(self.num_attention_heads, d)?, mul(self.num_key_value_heads, d)?);
+        // q_proj + bias, k_proj and v_proj + biases, o_proj
+        let attn = [mul(h, q)?, q, mul(2, mul(h, kv)?.checked_add(kv)?)?, mul(q, h)?];
+        let layer = [attn.iter().try_fold(0usize, |a, &b| a.checked_add(b))?, mul(3, mul(h, i)?)?, mul(2, h)?];
+        let embed = mul(self.vocab_size, h)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + self.num_hidden_layers * layer + h + head
+        let layers = mul(self.num_hidden_layers, layer.iter().try_fold(0usize, |a, &b| a.checked_add(b))?)?;
+        [embed, layers, h, head].iter().try_fold(0usize, |a, &b| a.checked_add(b))
     }
 }
 

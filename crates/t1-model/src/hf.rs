@@ -7,13 +7,15 @@
 //! shards + index above a size limit).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::model::{Attention, DecoderLayer, Mlp};
 use crate::{ModelError, Qwen2, Qwen2Config};
@@ -48,14 +50,6 @@ impl WeightDtype {
             Self::F32 => Dtype::F32,
             Self::Bf16 => Dtype::BF16,
             Self::F16 => Dtype::F16,
-        }
-    }
-    fn from_safetensors(d: Dtype) -> Option<Self> {
-        match d {
-            Dtype::F32 => Some(Self::F32),
-            Dtype::BF16 => Some(Self::Bf16),
-            Dtype::F16 => Some(Self::F16),
-            _ => None,
         }
     }
     /// The `torch_dtype` / `dtype` string of config.json.
@@ -142,35 +136,174 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 /// Loads `config.json` and the weights of a HF checkpoint directory, cast to `dtype`.
+///
+/// Every file's header is read and checked first, and the tensor names and shapes are
+/// compared with `config.json`, before any weight is read; then each tensor is read from its
+/// checked byte range. Nothing declared in a header is allocated before it is checked against
+/// the file's size.
 pub fn load<B: Backend>(dir: &Path, dtype: WeightDtype, device: &B::Device) -> Result<(Qwen2Config, Qwen2<B>), ModelError> {
     let config = Qwen2Config::from_file(&dir.join(CONFIG_FILE))?;
-    let mut tensors: HashMap<String, (Vec<usize>, TensorData)> = HashMap::new();
+    let mut files = Vec::new();
     let mut origin: HashMap<String, PathBuf> = HashMap::new();
-    for file in weight_files(dir)? {
-        let bytes = std::fs::read(&file).map_err(|e| ModelError::io(&file, e))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| ModelError::Corrupt { path: file.clone(), message: e.to_string() })?;
-        for (name, view) in st.tensors() {
-            let Some(file_dtype) = WeightDtype::from_safetensors(view.dtype()) else {
+    for path in weight_files(dir)? {
+        let mut file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+        let entries = read_header(&mut file, &path)?;
+        for e in &entries {
+            if let Some(prev) = origin.insert(e.name.clone(), path.clone()) {
                 return Err(ModelError::Corrupt {
-                    path: file.clone(),
-                    message: format!("tensor {name} has dtype {:?}; only F32, BF16 and F16 are supported", view.dtype()),
-                });
-            };
-            if let Some(prev) = origin.insert(name.clone(), file.clone()) {
-                return Err(ModelError::Corrupt {
-                    path: file.clone(),
-                    message: format!("tensor {name} is also in {}", prev.display()),
+                    path: path.clone(),
+                    message: format!("tensor {} is also in {}", e.name, prev.display()),
                 });
             }
-            let shape = view.shape().to_vec();
-            let data = TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), file_dtype.burn());
-            tensors.insert(name, (shape, data));
+        }
+        files.push((path, file, entries));
+    }
+    let mismatch = |message| ModelError::Mismatch { dir: dir.to_path_buf(), message };
+    let shapes = files
+        .iter()
+        .flat_map(|(_, _, entries)| entries.iter())
+        .filter(|e| !is_ignored_buffer(&e.name))
+        .map(|e| (e.name.clone(), e.shape.clone()))
+        .collect();
+    check_tensors(&config, &shapes).map_err(mismatch)?;
+    let mut tensors: HashMap<String, (Vec<usize>, TensorData)> = HashMap::new();
+    for (path, mut file, entries) in files {
+        for e in entries.into_iter().filter(|e| !is_ignored_buffer(&e.name)) {
+            let data = read_tensor(&mut file, &path, &e)?;
+            tensors.insert(e.name, (e.shape, data));
         }
     }
-    tensors.retain(|name, _| !is_ignored_buffer(name));
-    let model = from_tensors(&config, tensors, dtype, device).map_err(|message| ModelError::Mismatch { dir: dir.to_path_buf(), message })?;
+    let model = from_tensors(&config, tensors, dtype, device).map_err(mismatch)?;
     Ok((config, model))
+}
+
+/// The safetensors crate's limit on the JSON header (100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One tensor of a safetensors file, as its header describes it, checked against the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: WeightDtype,
+    pub shape: Vec<usize>,
+    /// Byte range of the data in the file (from the start of the file).
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A header entry as written: `{"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}`.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// Reads and checks the header of a safetensors file: the 8-byte little-endian header length,
+/// then a JSON object of tensor entries (and an optional `__metadata__`), then the data.
+///
+/// No number in the file is trusted: the header length is checked against the file's size
+/// before it is read, and every tensor's byte size (from its shape and dtype, with overflow
+/// checks) must equal its data range, which must lie inside the file. The ranges must tile
+/// the data section exactly, with no overlap, gap or trailing bytes, as the format requires.
+/// Returns the tensors in file order; no weight is read.
+pub fn read_header<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Vec<TensorEntry>, ModelError> {
+    let corrupt = |message: String| ModelError::Corrupt { path: path.to_path_buf(), message };
+    let file_len = reader.seek(SeekFrom::End(0)).map_err(|e| ModelError::io(path, e))?;
+    reader.seek(SeekFrom::Start(0)).map_err(|e| ModelError::io(path, e))?;
+    if file_len < 8 {
+        return Err(corrupt(format!("the file has {file_len} bytes, fewer than the 8-byte header length of a safetensors file (truncated?)")));
+    }
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).map_err(|e| ModelError::io(path, e))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > file_len - 8 {
+        return Err(corrupt(format!(
+            "the header length field says {header_len} bytes but the file has only {} bytes after it (truncated, or not a safetensors file)",
+            file_len - 8
+        )));
+    }
+    if header_len > MAX_HEADER_BYTES {
+        return Err(corrupt(format!("the header is {header_len} bytes, more than the {MAX_HEADER_BYTES} bytes safetensors allows")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).map_err(|e| ModelError::io(path, e))?;
+    let header = std::str::from_utf8(&header).map_err(|e| corrupt(format!("the header is not UTF-8 text ({e})")))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(header).map_err(|e| corrupt(format!("the header is not a JSON object of tensors: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut entries = Vec::with_capacity(json.len());
+    for (name, value) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let raw: RawEntry = serde_json::from_value(value)
+            .map_err(|e| corrupt(format!("tensor {name}: {e} (expected {{\"dtype\", \"shape\", \"data_offsets\"}})")))?;
+        let dtype = match raw.dtype.as_str() {
+            "F32" => WeightDtype::F32,
+            "BF16" => WeightDtype::Bf16,
+            "F16" => WeightDtype::F16,
+            other => return Err(corrupt(format!("tensor {name} has dtype {other}; only F32, BF16 and F16 are supported"))),
+        };
+        let elem = match dtype {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+        };
+        let [start, end] = raw.data_offsets;
+        // the product of the non-zero dimensions bounds every partial product, even when a
+        // zero dimension makes the tensor empty
+        let bytes = raw.shape.iter().filter(|&&d| d > 0).try_fold(elem, |acc: u64, &d| acc.checked_mul(d));
+        let Some(bytes) = bytes.filter(|&b| usize::try_from(b).is_ok()) else {
+            return Err(corrupt(format!("tensor {name}: shape {:?} of {} has more bytes than memory can address", raw.shape, raw.dtype)));
+        };
+        let bytes = if raw.shape.contains(&0) { 0 } else { bytes };
+        if end < start || end > data_len {
+            return Err(corrupt(format!(
+                "tensor {name}: data_offsets [{start}, {end}] are not a range inside the {data_len} bytes of data (truncated file?)"
+            )));
+        }
+        if end - start != bytes {
+            return Err(corrupt(format!(
+                "tensor {name}: data_offsets [{start}, {end}] hold {} bytes but shape {:?} of {} needs {bytes}",
+                end - start,
+                raw.shape,
+                raw.dtype
+            )));
+        }
+        // every dimension is at most the checked product above, so this fits a usize
+        let shape = raw.shape.iter().map(|&d| d as usize).collect();
+        entries.push(TensorEntry { name, dtype, shape, start: data_start + start, end: data_start + end });
+    }
+    entries.sort_by_key(|e| (e.start, e.end));
+    let mut pos = data_start;
+    for (i, e) in entries.iter().enumerate() {
+        if e.start < pos {
+            return Err(corrupt(format!("tensors {} and {} overlap", entries[i - 1].name, e.name)));
+        }
+        if e.start > pos {
+            return Err(corrupt(format!("{} bytes before tensor {} belong to no tensor", e.start - pos, e.name)));
+        }
+        pos = e.end;
+    }
+    if pos != file_len {
+        return Err(corrupt(format!("the last {} bytes of the file belong to no tensor", file_len - pos)));
+    }
+    Ok(entries)
+}
+
+/// Reads one tensor's data (its range was checked by [`read_header`]).
+fn read_tensor<R: Read + Seek>(reader: &mut R, path: &Path, e: &TensorEntry) -> Result<TensorData, ModelError> {
+    let mut bytes = vec![0u8; (e.end - e.start) as usize];
+    reader.seek(SeekFrom::Start(e.start)).map_err(|err| ModelError::io(path, err))?;
+    reader.read_exact(&mut bytes).map_err(|err| ModelError::io(path, err))?;
+    Ok(TensorData::from_bytes_vec(bytes, e.shape.clone(), e.dtype.burn()))
+}
+
+/// Every tensor of a safetensors file, read through [`read_header`]'s checks.
+pub fn read_safetensors<R: Read + Seek>(reader: &mut R, path: &Path) -> Result<Vec<(String, TensorData)>, ModelError> {
+    let entries = read_header(reader, path)?;
+    entries.into_iter().map(|e| Ok((e.name.clone(), read_tensor(reader, path, &e)?))).collect()
 }
 
 /// Builds a model from HF-named, HF-layout tensors (as [`named_tensors`] returns them). Every
@@ -192,40 +325,73 @@ fn from_tensors<B: Backend>(
     dtype: WeightDtype,
     device: &B::Device,
 ) -> Result<Qwen2<B>, String> {
-    // Check names and shapes before building anything, and report every problem at once.
+    let shapes = tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
+    check_tensors(config, &shapes)?;
+    if config.tie_word_embeddings {
+        // Some exporters keep the tied head; accept it when it is the embedding.
+        if let Some((_, head)) = tensors.remove("lm_head.weight") {
+            if head != tensors["model.embed_tokens.weight"].1 {
+                return Err("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight: \
+                            set tie_word_embeddings to false in config.json if the head is its own matrix"
+                    .into());
+            }
+        }
+    }
+    let mut weights = Weights { tensors, dtype: dtype.burn(), device };
+    Ok(weights.build(config).with_stable_param_ids())
+}
+
+/// Compares tensor names and shapes with what `config` implies and reports every problem at
+/// once: missing tensors, wrong shapes, tensors a Qwen2 model does not use. With tied
+/// embeddings an `lm_head.weight` shaped like the embedding is allowed (its values are
+/// compared when the weights are read).
+pub fn check_tensors(config: &Qwen2Config, shapes: &HashMap<String, Vec<usize>>) -> Result<(), String> {
+    // each layer has 12 tensors: a config with more layers than the file has tensors is from
+    // another model (and listing its expected names could take any amount of memory)
+    if config.num_hidden_layers > shapes.len() {
+        return Err(format!(
+            "config.json has num_hidden_layers = {} but the weights hold only {} tensors",
+            config.num_hidden_layers,
+            shapes.len()
+        ));
+    }
     let expected = expected_tensors(config);
     let mut problems = Vec::new();
-    let missing: Vec<_> = expected.iter().filter(|(n, _)| !tensors.contains_key(n)).map(|(n, _)| n.as_str()).collect();
+    let missing: Vec<_> = expected.iter().filter(|(n, _)| !shapes.contains_key(n)).map(|(n, _)| n.as_str()).collect();
     if !missing.is_empty() {
         problems.push(format!("missing tensors: {}", short_list(&missing)));
     }
     for (name, shape) in &expected {
-        if let Some((found, _)) = tensors.get(name) {
+        if let Some(found) = shapes.get(name) {
             if found != shape {
                 problems.push(format!("{name} has shape {found:?}, config.json implies {shape:?}"));
             }
         }
     }
     let expected_names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let mut unused: Vec<&str> = tensors.keys().map(String::as_str).filter(|n| !expected_names.contains(n)).collect();
+    let mut unused: Vec<&str> = shapes.keys().map(String::as_str).filter(|n| !expected_names.contains(n)).collect();
     unused.sort();
-    if config.tie_word_embeddings && unused == ["lm_head.weight"] {
-        // Some exporters keep the tied head; accept it when it is the embedding.
-        if tensors["lm_head.weight"].1 == tensors["model.embed_tokens.weight"].1 {
-            unused.clear();
+    if config.tie_word_embeddings {
+        let embed = shapes.get("model.embed_tokens.weight");
+        match shapes.get("lm_head.weight") {
+            Some(head) if Some(head) == embed => unused.retain(|&n| n != "lm_head.weight"),
+            Some(head) => {
+                unused.retain(|&n| n != "lm_head.weight");
+                problems.push(format!(
+                    "lm_head.weight has shape {head:?} but tie_word_embeddings is true, so it must equal model.embed_tokens.weight"
+                ))
+            }
+            None => {}
         }
     }
     if !unused.is_empty() {
         problems.push(format!("tensors not used by a Qwen2 model of this config: {}", short_list(&unused)));
     }
-    if !problems.is_empty() {
-        return Err(problems.join("; "));
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
-    if config.tie_word_embeddings {
-        tensors.remove("lm_head.weight");
-    }
-    let mut weights = Weights { tensors, dtype: dtype.burn(), device };
-    Ok(weights.build(config).with_stable_param_ids())
 }
 
 fn short_list(names: &[&str]) -> String {
@@ -431,4 +597,117 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ModelError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Hostile and broken safetensors files: each is an error that names the file and the tensor,
+/// never a panic, and nothing declared in a header is allocated before it is checked.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// A safetensors file built by hand: the length field, `header`, then `data_len` zero bytes.
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.resize(out.len() + data_len, 0);
+        out
+    }
+
+    fn header_error(bytes: &[u8]) -> String {
+        let err = read_safetensors(&mut Cursor::new(bytes), Path::new("evil.safetensors")).unwrap_err().to_string();
+        assert!(err.contains("evil.safetensors") && err.contains("re-save or re-download"), "{err}");
+        err
+    }
+
+    #[test]
+    fn hostile_well_formed_file_reads() {
+        let bytes = file(r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 12);
+        let tensors = read_safetensors(&mut Cursor::new(&bytes), Path::new("ok.safetensors")).unwrap();
+        let names: Vec<_> = tensors.iter().map(|(n, d)| (n.as_str(), d.shape.to_vec())).collect();
+        assert_eq!(names, [("a", vec![2]), ("b", vec![2])]);
+    }
+
+    #[test]
+    fn hostile_file_shorter_than_the_length_field() {
+        assert!(header_error(&[1, 2, 3]).contains("fewer than the 8-byte header length"));
+    }
+
+    #[test]
+    fn hostile_header_length_larger_than_the_file() {
+        for n in [u64::MAX, 1 << 40, 100] {
+            let mut bytes = n.to_le_bytes().to_vec();
+            bytes.extend_from_slice(b"{}");
+            let err = header_error(&bytes);
+            assert!(err.contains(&format!("header length field says {n} bytes")) && err.contains("only 2 bytes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn hostile_header_not_utf8_or_not_json() {
+        let mut bytes = 4u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0xff, 0xfe, b'{', b'}']);
+        assert!(header_error(&bytes).contains("not UTF-8"));
+        assert!(header_error(&file("{\"a\": ", 0)).contains("not a JSON object"));
+        assert!(header_error(&file("[1, 2]", 0)).contains("not a JSON object"));
+        let err = header_error(&file(r#"{"w": {"dtype": "F32", "shape": [1]}}"#, 4));
+        assert!(err.contains("tensor w") && err.contains("data_offsets"), "{err}");
+        let err = header_error(&file(r#"{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#, 4));
+        assert!(err.contains("tensor w"), "{err}");
+    }
+
+    #[test]
+    fn hostile_offsets_outside_the_file_or_reversed() {
+        // a consistent shape and range, far past the end of a 16-byte file: nothing is allocated
+        let err = header_error(&file(r#"{"w": {"dtype": "F32", "shape": [1073741824, 1073741824], "data_offsets": [0, 4611686018427387904]}}"#, 16));
+        assert!(err.contains("tensor w") && err.contains("inside the 16 bytes of data"), "{err}");
+        let err = header_error(&file(r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}"#, 16));
+        assert!(err.contains("tensor w: data_offsets [8, 4]"), "{err}");
+        let err = header_error(&file(r#"{"w": {"dtype": "F32", "shape": [1], "data_offsets": [18446744073709551612, 18446744073709551615]}}"#, 16));
+        assert!(err.contains("tensor w"), "{err}");
+    }
+
+    #[test]
+    fn hostile_overlapping_ranges() {
+        let h = r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}"#;
+        let err = header_error(&file(h, 24));
+        assert!(err.contains("tensors a and b overlap"), "{err}");
+        // the same range twice
+        let h = r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#;
+        assert!(header_error(&file(h, 16)).contains("overlap"));
+    }
+
+    #[test]
+    fn hostile_gaps_and_trailing_bytes() {
+        let h = r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#;
+        assert!(header_error(&file(h, 8)).contains("4 bytes before tensor a belong to no tensor"));
+        let h = r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#;
+        assert!(header_error(&file(h, 12)).contains("last 8 bytes of the file belong to no tensor"));
+    }
+
+    #[test]
+    fn hostile_shape_whose_byte_size_overflows() {
+        for shape in ["[4294967296, 4294967296, 16]", "[18446744073709551615, 2]", "[0, 18446744073709551615, 18446744073709551615]"] {
+            let h = format!(r#"{{"w": {{"dtype": "BF16", "shape": {shape}, "data_offsets": [0, 0]}}}}"#);
+            let err = header_error(&file(&h, 0));
+            assert!(err.contains("tensor w") && err.contains("more bytes than memory can address"), "{shape}: {err}");
+        }
+    }
+
+    #[test]
+    fn hostile_shape_and_dtype_disagree_with_the_range() {
+        let h = r#"{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}"#;
+        let err = header_error(&file(h, 8));
+        assert!(err.contains("tensor w: data_offsets [0, 8] hold 8 bytes but shape [2, 2] of F32 needs 16"), "{err}");
+        let h = r#"{"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}"#;
+        assert!(header_error(&file(h, 8)).contains("tensor w has dtype I64; only F32, BF16 and F16"));
+    }
+
+    #[test]
+    fn hostile_truncated_file() {
+        let h = r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}"#;
+        let bytes = file(h, 16);
+        let err = header_error(&bytes[..bytes.len() - 5]);
+        assert!(err.contains("tensor a") && err.contains("truncated"), "{err}");
+    }
 }

@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 pub enum ModelError {
     #[error("cannot access {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("invalid model config {path}: {message}")]
+    #[error("invalid model config {path}: {message}; fix config.json or use the checkpoint's original one")]
     Config { path: PathBuf, message: String },
     #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json (a Hugging Face checkpoint directory)")]
     NoWeights { dir: PathBuf },
     #[error("corrupt checkpoint file {path}: {message}; re-save or re-download it")]
     Corrupt { path: PathBuf, message: String },
-    #[error("checkpoint {dir} does not match its config.json: {message}")]
+    #[error("checkpoint {dir} does not match its config.json: {message}; the weights and config.json must come from the same model")]
     Mismatch { dir: PathBuf, message: String },
 }
 
