@@ -4,11 +4,11 @@ use std::process::{Command, Output};
 
 use crate::common::*;
 
-fn t1(args: &[&str]) -> Output {
+pub(crate) fn t1(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_t1")).args(args).output().expect("run t1")
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 

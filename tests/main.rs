@@ -4,5 +4,6 @@
 mod cli;
 mod common;
 mod crosscheck;
+mod hostile;
 mod model;
 mod train;

@@ -141,7 +141,7 @@ fn bf16_files_round_trip_exactly_and_compute_in_bf16() {
 }
 
 /// Copies a fixture into a temporary directory so a test can break it.
-fn broken_copy(name: &str) -> tempfile::TempDir {
+pub(crate) fn broken_copy(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let entry = entry.unwrap();

@@ -62,6 +62,8 @@ pub enum OnBadLine {
 pub struct Loaded<T> {
     /// Items in file order.
     pub items: Vec<T>,
+    /// The 1-based line of each item.
+    pub lines: Vec<usize>,
     /// Malformed lines skipped (always 0 with [`OnBadLine::Error`]).
     pub skipped: usize,
 }
@@ -94,7 +96,7 @@ fn read_jsonl<T>(
     parse: fn(&Map<String, Value>) -> Result<T, String>,
 ) -> Result<Loaded<T>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut items = Vec::new();
+    let (mut items, mut lines) = (Vec::new(), Vec::new());
     let mut skipped = 0;
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| DataError::io(path, e))?;
@@ -108,7 +110,10 @@ fn read_jsonl<T>(
             Err(e) => Err(format!("invalid JSON: {e}")),
         };
         match (parsed, on_bad) {
-            (Ok(item), _) => items.push(item),
+            (Ok(item), _) => {
+                items.push(item);
+                lines.push(i + 1);
+            }
             (Err(_), OnBadLine::Skip) => skipped += 1,
             (Err(message), OnBadLine::Error) => {
                 return Err(DataError::BadLine { path: path.to_path_buf(), line: i + 1, message })
@@ -118,7 +123,7 @@ fn read_jsonl<T>(
     if items.is_empty() {
         return Err(DataError::Empty { path: path.to_path_buf() });
     }
-    Ok(Loaded { items, skipped })
+    Ok(Loaded { items, lines, skipped })
 }
 
 fn parse_sft(obj: &Map<String, Value>) -> Result<SftExample, String> {
@@ -237,7 +242,7 @@ mod tests {
         assert!(matches!(e, DataError::BadLine { line: 3, .. }), "{e:?}");
         let text = e.to_string();
         assert!(text.contains(&format!("{}:3:", f.path().display())), "{text}");
-        assert!(text.contains("invalid JSON") && text.contains("--skip-bad-lines"), "{text}");
+        assert!(text.contains("invalid JSON") && text.contains("data.skip_bad_lines"), "{text}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// One line of a JSONL file is malformed.
-    #[error("{}:{line}: {message} (pass --skip-bad-lines to skip such lines)", path.display())]
+    #[error("{}:{line}: {message}; fix the line, or set data.skip_bad_lines = true in the run config to skip such lines", path.display())]
     BadLine {
         /// The file.
         path: PathBuf,

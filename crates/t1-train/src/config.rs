@@ -24,17 +24,29 @@ pub fn load_config<T: DeserializeOwned + Serialize + Default>(path: Option<&Path
 pub fn load_config_text<T: DeserializeOwned + Serialize + Default>(text: &str, origin: &str, sets: &[String]) -> Result<(T, String), TrainError> {
     let origin = origin.to_string();
     let mut doc: toml::Table = toml::from_str(text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.to_string() })?;
-    // check the file alone first, so that its errors point at its own lines
-    let text = toml::to_string(&doc).expect("toml");
-    toml::from_str::<T>(&text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.message().to_string() })?;
-    for set in sets {
-        apply_set(&mut doc, set)?;
+    // check the file alone first, so that its errors point at its own lines and keys
+    let mut config: T =
+        toml::from_str(text).map_err(|e| TrainError::Config { origin: origin.clone(), message: e.to_string().trim_end().to_string() })?;
+    if !sets.is_empty() {
+        let parse = |doc: &toml::Table| toml::from_str::<T>(&toml::to_string(doc).expect("toml")).map_err(|e| e.message().to_string());
+        let start = doc.clone();
+        for set in sets {
+            apply_set(&mut doc, set)?;
+        }
+        config = parse(&doc).map_err(|message| {
+            // name the first override after which this error appears (overrides may be valid
+            // only together, e.g. a tagged enum and its fields, so all are applied first)
+            let mut partial = start;
+            let culprit = sets.iter().find(|set| {
+                apply_set(&mut partial, set).is_ok() && parse(&partial).err().as_ref() == Some(&message)
+            });
+            let origin = match culprit {
+                Some(set) => format!("--set {set}"),
+                None => format!("{origin} with --set {}", sets.join(" --set ")),
+            };
+            TrainError::Config { origin, message }
+        })?;
     }
-    let text = toml::to_string(&doc).expect("toml");
-    let config: T = toml::from_str(&text).map_err(|e| TrainError::Config {
-        origin: format!("{origin} with --set {}", sets.join(" --set ")),
-        message: e.message().to_string(),
-    })?;
     let resolved = toml::to_string(&config).expect("toml");
     Ok((config, resolved))
 }

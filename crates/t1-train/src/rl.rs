@@ -269,18 +269,18 @@ pub struct RlSummary {
 pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<RlSummary, TrainError> {
     cfg.validate()?;
     let t = &cfg.train;
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     B::seed(device, t.seed);
     let (model_config, mut policy, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
     let mut reference: Qwen2<B::InnerBackend> = policy.valid();
     let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
-    let problems = t1_data::read_problems(&cfg.data.train, on_bad)?.items;
+    let loaded = t1_data::read_problems(&cfg.data.train, on_bad)?;
     let eval: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
         vec![]
     } else {
         t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
     };
-    check_context(&problems, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
+    check_context(&loaded, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
+    let problems = loaded.items;
     let mut optim = cfg.optim.adamw().init::<B, Qwen2<B>>();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     let dtype = WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32);
@@ -296,6 +296,8 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     }
     let mut rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
     rng.set_word_pos(state.rng_word_pos);
+    // every input was read and checked: only now is anything written
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
     let eos = {
         let mut e = model_config.eos_token_ids();
@@ -414,12 +416,12 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
 }
 
 /// Every prompt plus `max_new_tokens` must fit the model's context.
-fn check_context(problems: &[Problem], tokenizer: &ChatTokenizer, max_new: usize, context: usize, path: &std::path::Path) -> Result<(), TrainError> {
-    for (i, p) in problems.iter().enumerate() {
+fn check_context(problems: &t1_data::Loaded<Problem>, tokenizer: &ChatTokenizer, max_new: usize, context: usize, path: &std::path::Path) -> Result<(), TrainError> {
+    for (p, line) in problems.items.iter().zip(&problems.lines) {
         let n = tokenizer.encode_prompt(&p.prompt).len();
         if n + max_new > context {
             return Err(TrainError::Config {
-                origin: format!("{} problem {}", path.display(), i + 1),
+                origin: format!("{}:{line}", path.display()),
                 message: format!(
                     "the prompt has {n} tokens; with sampling.max_new_tokens = {max_new} that exceeds the model's context of {context} (max_position_embeddings): shorten the prompt or lower max_new_tokens"
                 ),

@@ -260,7 +260,10 @@ pub fn init_model<B: Backend>(
         Ok((config, model, tokenizer))
     } else {
         let (config, model) = t1_model::load(&source.checkpoint, dtype, device)?;
-        tokenizer.check_model_vocab(config.vocab_size)?;
+        tokenizer.check_model_vocab(config.vocab_size).map_err(|e| TrainError::Checkpoint {
+            path: source.checkpoint.clone(),
+            message: format!("{} does not fit it: {e}", tok_path.display()),
+        })?;
         Ok((config, model, tokenizer))
     }
 }
@@ -277,21 +280,38 @@ fn cast_model<B: Backend>(model: Qwen2<B>, dtype: WeightDtype) -> Qwen2<B> {
     model.map(&mut Cast(dtype.burn()))
 }
 
-/// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`.
+/// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
+/// whose prompt leaves no answer token within `max_len` is an error naming its line (skipped
+/// and counted with `skip`).
 pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip: bool) -> Result<(Vec<TokenizedExample>, usize), TrainError> {
     let on_bad = if skip { OnBadLine::Skip } else { OnBadLine::Error };
     let loaded = t1_data::read_sft(path, on_bad)?;
-    let examples = loaded
-        .items
-        .iter()
-        .map(|ex| {
-            let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false);
-            ids.truncate(max_len);
-            loss_mask.truncate(max_len);
-            TokenizedExample { ids, loss_mask }
-        })
-        .collect();
-    Ok((examples, loaded.skipped))
+    let mut skipped = loaded.skipped;
+    let mut examples = Vec::with_capacity(loaded.items.len());
+    for (ex, line) in loaded.items.iter().zip(&loaded.lines) {
+        let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false);
+        let prompt = loss_mask.iter().position(|&m| m).unwrap_or(loss_mask.len());
+        ids.truncate(max_len);
+        loss_mask.truncate(max_len);
+        // position 0 is never a target
+        if !loss_mask.iter().skip(1).any(|&m| m) {
+            if skip {
+                skipped += 1;
+                continue;
+            }
+            return Err(TrainError::Config {
+                origin: format!("{}:{line}", path.display()),
+                message: format!(
+                    "the prompt has {prompt} tokens, so no answer token fits in data.max_len = {max_len}: raise data.max_len (up to the model's context), shorten the example, or set data.skip_bad_lines = true to skip such examples"
+                ),
+            });
+        }
+        examples.push(TokenizedExample { ids, loss_mask });
+    }
+    if examples.is_empty() {
+        return Err(t1_data::DataError::Empty { path: path.to_path_buf() }.into());
+    }
+    Ok((examples, skipped))
 }
 
 /// Tensors of a padded batch: model inputs, targets `[B, T]` and the loss mask `[B, T]`.
@@ -316,7 +336,6 @@ pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> 
 pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
     cfg.validate()?;
     let t = &cfg.train;
-    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     B::seed(device, t.seed);
     let (model_config, mut model, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
     if cfg.data.max_len > model_config.max_position_embeddings {
@@ -360,6 +379,8 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
             None => eprintln!("--resume: no checkpoint in {}, starting from scratch", cfg.out_dir.display()),
         }
     }
+    // every input was read and checked: only now is anything written
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
     metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "train_examples": train.len(), "steps": total, "resumed_at": state.step}));
 
