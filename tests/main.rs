@@ -5,5 +5,6 @@ mod cli;
 mod common;
 mod crosscheck;
 mod hostile;
+mod kill;
 mod model;
 mod train;

@@ -162,6 +162,7 @@ pub fn save_checkpoint<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B
         .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
         .map_err(|e| TrainError::Checkpoint { path: tmp.clone(), message: e.to_string() })?;
     std::fs::write(tmp.join(RUN_CONFIG_FILE), run_config).map_err(|e| TrainError::io(&tmp, e))?;
+    sync_tree(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     // the state file is written last: its presence marks a complete checkpoint
     t1_model::hf::write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state).expect("json").as_bytes())?;
     let _ = std::fs::remove_dir_all(&final_dir);
@@ -171,9 +172,25 @@ pub fn save_checkpoint<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B
     }
     let all = list_checkpoints(out_dir);
     for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        // unmark it first, so that a kill during the removal leaves no half-deleted
+        // checkpoint that looks complete
+        let _ = std::fs::remove_file(old.join(STATE_FILE));
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(final_dir)
+}
+
+/// Flushes every file under `dir` (and the directories themselves) to disk.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path)?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// Complete checkpoints of a run, oldest first.
