@@ -107,7 +107,8 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     } else {
         eval_cfg.budgets = vec![16, 32, 48, 64, 96, 128, 160];
         eval_cfg.samples = 4;
-        eval_cfg.temperature = 0.6;
+        eval_cfg.temperature = 1.0; // the RL rollout temperature: what RL optimises
+        eval_cfg.threads = 2;
         200
     };
     let t = Instant::now();

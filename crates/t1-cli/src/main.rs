@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use t1_backends::{BackendTask, DeviceSpec};
 
+mod bench;
 mod eval_cmds;
 mod model_cmds;
 mod report;
@@ -16,6 +17,49 @@ mod train_cmds;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// SFT step (forward + backward + AdamW) on random tokens: tokens/s after a warm-up step
+    Sft {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Data-parallel shards, one thread each
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// f32 or bf16 (flex, cuda)
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
+    /// Decoding with the KV cache at temperature 1: new tokens/s, every sequence N tokens
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Prompt length in tokens
+        #[arg(long, default_value_t = 32)]
+        prompt: usize,
+        /// New tokens per sequence
+        #[arg(long, default_value_t = 128)]
+        new: usize,
+        /// Batch shards decoded on their own threads
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,11 +141,19 @@ enum Command {
         limit: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Threads each generation batch is split over (CPU: the number of cores; GPU: 1)
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Output directory for eval.json, eval.csv and accuracy_vs_budget.svg
         #[arg(long, default_value = "out/eval")]
         out: PathBuf,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
+    },
+    /// Throughput of the training step or of decoding on a checkpoint (one JSON line)
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
     },
     /// The whole recipe on the laptop task: data, SFT, RL, eval, report
     Demo {
@@ -213,14 +265,26 @@ fn run(cli: Cli) -> Result<()> {
             check_dtype(&a.device, &config.model.dtype)?;
             dispatch(&a.device, train_cmds::Rl { config, resolved, resume: a.resume })
         }
-        Command::Eval { model, data, budgets, samples, temperature, cue, limit, seed, out, device } => {
-            let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, ..Default::default() };
+        Command::Eval { model, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
+            let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, threads: threads.max(1), ..Default::default() };
             config.budgets.sort_unstable();
             if let Some(cue) = cue {
                 config.forced_answer_cue = cue;
             }
             t1_backends::dispatch(&device, eval_cmds::Eval { models: model, data, config, limit, out })??;
             Ok(())
+        }
+        Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device } } => {
+            check_dtype(&device, &dtype)?;
+            let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
+            anyhow::ensure!(batch > 0 && seq > 0 && steps > 0 && threads > 0, "--batch, --seq, --steps and --threads must be > 0");
+            dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype })
+        }
+        Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device } } => {
+            check_dtype(&device, &dtype)?;
+            let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
+            anyhow::ensure!(batch > 0 && prompt > 0 && new > 0 && threads > 0, "--batch, --prompt, --new and --threads must be > 0");
+            dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype })
         }
         Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),
         Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),

@@ -30,7 +30,8 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
     plot("rl_reward.svg", "RL reward and accuracy", "value", vec![
         ("reward".into(), series(&rl, "reward")),
         ("train accuracy".into(), series(&rl, "accuracy")),
-        ("held-out accuracy".into(), series(&rl, "eval_accuracy")),
+        ("held-out accuracy (greedy)".into(), series(&rl, "eval_accuracy")),
+        ("held-out accuracy (sampled)".into(), series(&rl, "eval_sampled_accuracy")),
     ]);
     plot("rl_dynamics.svg", "RL entropy, KL and log-prob gap", "value", vec![
         ("entropy".into(), series(&rl, "entropy")),
@@ -45,9 +46,17 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
         .iter()
         .map(|r| (r.model.clone(), Value::Object(r.results.iter().map(|b| (b.budget.to_string(), json!(b.accuracy))).collect())))
         .collect();
+    // the RL loop's own held-out evals: step 0 is the SFT model, the last one the RL model
+    let rl_evals: Vec<&Value> = rl.iter().filter(|r| r.get("eval_accuracy").is_some()).collect();
+    let loop_eval = |row: Option<&&Value>, key: &str| row.and_then(|r| r.get(key)).and_then(Value::as_f64);
+    let (first, last) = (rl_evals.first(), rl_evals.last());
     let summary = json!({
         "sft_accuracy": reports.first().map(at_largest),
         "rl_accuracy": reports.get(1).map(at_largest),
+        "sft_greedy_accuracy": loop_eval(first, "eval_accuracy"),
+        "rl_greedy_accuracy": loop_eval(last, "eval_accuracy"),
+        "sft_sampled_accuracy": loop_eval(first, "eval_sampled_accuracy"),
+        "rl_sampled_accuracy": loop_eval(last, "eval_sampled_accuracy"),
         "accuracy_by_budget": by_budget,
         "eval": reports,
         "timings_s": timings.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -67,8 +76,14 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
         md += &format!("| {} | {} |\n", r.model, r.results.iter().map(|b| format!("{:.3}", b.accuracy)).collect::<Vec<_>>().join(" | "));
     }
     if let Some(r) = reports.first() {
-        md += &format!("\n{} problems, {} sample(s) each; pass@n and majority vote are in summary.json.\n", r.problems, r.samples);
+        md += &format!("\n{} problems, {} sample(s) each at temperature {}; pass@n and majority vote are in summary.json.\n", r.problems, r.samples, r.temperature);
     }
+    let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "n/a".into());
+    md += &format!(
+        "\nThe RL loop's own held-out evaluation (its eval problems, full budget): greedy {} (SFT) → {} (RL); sampled at the rollout temperature {} (SFT) → {} (RL).\n",
+        pct(loop_eval(first, "eval_accuracy")), pct(loop_eval(last, "eval_accuracy")),
+        pct(loop_eval(first, "eval_sampled_accuracy")), pct(loop_eval(last, "eval_sampled_accuracy")),
+    );
     md += "\n![accuracy vs budget](accuracy_vs_budget.svg)\n\n## Training curves\n\n![SFT loss](sft_loss.svg)\n\n![RL reward](rl_reward.svg)\n\n![RL dynamics](rl_dynamics.svg)\n\n![RL length](rl_length.svg)\n\n## Where the time went\n\n| stage | seconds |\n|---|---|\n";
     for (k, v) in timings {
         md += &format!("| {k} | {v:.1} |\n");

@@ -35,6 +35,11 @@ const MAX_OPERANDS: usize = 6;
 const MAX_OPERAND: u32 = 999;
 
 /// Knobs of the generator. Harder: more operands, larger operands, `*` in `ops`.
+///
+/// The default (`+` and `-`, 2–4 operands up to 9) is what a ~1M-parameter model learns from
+/// scratch in ~1,000 steps on a CPU (~35% greedy accuracy); with `ops = "+-*"` the attempts
+/// also make precedence mistakes, but products reach 4 digits and the same model stays
+/// below 10% in that time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TaskConfig {
@@ -60,7 +65,7 @@ impl Default for TaskConfig {
             min_operands: 2,
             max_operands: 4,
             max_operand: 9,
-            ops: "+-*".into(),
+            ops: "+-".into(),
             p_correct_first: 0.3,
             p_slip: 0.35,
         }
@@ -425,6 +430,11 @@ mod tests {
         total + sign * term
     }
 
+    /// The task with products, where every kind of mistake occurs.
+    fn with_mul() -> TaskConfig {
+        TaskConfig { ops: "+-*".into(), ..Default::default() }
+    }
+
     fn expr_of(prompt: &str) -> &str {
         prompt.strip_prefix("Compute ").unwrap().strip_suffix('.').unwrap()
     }
@@ -460,7 +470,7 @@ mod tests {
     #[test]
     fn pinned_first_sample() {
         // Guards the stream against silent changes (rand / rand_chacha upgrades, edits).
-        let s = &generate(&TaskConfig::default(), 0, 1)[0];
+        let s = &generate(&with_mul(), 0, 1)[0];
         assert_eq!(eval(expr_of(&s.prompt)).to_string(), s.answer);
         insta_like(&s.prompt, &s.solution);
     }
@@ -481,22 +491,24 @@ mod tests {
 
     #[test]
     fn answers_are_the_true_value_and_end_the_solution() {
-        for s in generate(&TaskConfig::default(), 11, 3000) {
-            let want = eval(expr_of(&s.prompt));
-            assert_eq!(s.answer, want.to_string(), "{}", s.prompt);
-            assert!(s.solution.ends_with(&format!("\n\\boxed{{{want}}}")), "{}", s.solution);
-            // The retry (or the right first attempt) ends at the answer.
-            let before_verify = s.solution.lines().filter(|l| !l.starts_with("Verify")).collect::<Vec<_>>();
-            let worked =
-                before_verify.iter().rev().find(|l| l.starts_with("Retry") || l.starts_with("Attempt"));
-            assert!(worked.unwrap().ends_with(&format!("= {want}.")), "{}", s.solution);
+        for cfg in [TaskConfig::default(), with_mul()] {
+            for s in generate(&cfg, 11, 3000) {
+                let want = eval(expr_of(&s.prompt));
+                assert_eq!(s.answer, want.to_string(), "{}", s.prompt);
+                assert!(s.solution.ends_with(&format!("\n\\boxed{{{want}}}")), "{}", s.solution);
+                // The retry (or the right first attempt) ends at the answer.
+                let before_verify = s.solution.lines().filter(|l| !l.starts_with("Verify")).collect::<Vec<_>>();
+                let worked =
+                    before_verify.iter().rev().find(|l| l.starts_with("Retry") || l.starts_with("Attempt"));
+                assert!(worked.unwrap().ends_with(&format!("= {want}.")), "{}", s.solution);
+            }
         }
     }
 
     #[test]
     fn solutions_have_the_t1_shape() {
         let mut kinds = [0usize; 4]; // right first, slip, left to right, dropped term
-        for s in generate(&TaskConfig::default(), 5, 3000) {
+        for s in generate(&with_mul(), 5, 3000) {
             let lines: Vec<&str> = s.solution.lines().collect();
             assert!(lines[0].starts_with("Attempt: ") && lines[1].starts_with("Check: "));
             assert!(

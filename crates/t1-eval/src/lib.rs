@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use t1_data::{ChatTokenizer, Problem};
 use t1_model::Qwen2;
 use t1_reward::GraderConfig;
-use t1_train::{generate, SamplingConfig};
+use t1_train::{generate_sharded, SamplingConfig};
 
 /// How the evaluation runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,8 @@ pub struct EvalConfig {
     pub seed: u64,
     /// Sequences per generation batch.
     pub batch: usize,
+    /// Threads each generation batch is split over (CPU: the number of cores; GPU: 1).
+    pub threads: usize,
     pub grader: GraderConfig,
 }
 
@@ -48,6 +50,7 @@ impl Default for EvalConfig {
             answer_tokens: 12,
             seed: 0,
             batch: 64,
+            threads: 1,
             grader: GraderConfig::default(),
         }
     }
@@ -75,6 +78,8 @@ pub struct EvalReport {
     pub model: String,
     pub problems: usize,
     pub samples: usize,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: f32,
     pub results: Vec<BudgetResult>,
 }
 
@@ -89,7 +94,7 @@ pub fn evaluate<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problem
     bar.set_style(indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("template"));
     let mut full = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(cfg.batch.max(1)) {
-        full.extend(generate(model, chunk, &sampling, &[eos], tokenizer.pad_id(), &mut rng));
+        full.extend(generate_sharded(model, chunk, &sampling, &[eos], tokenizer.pad_id(), &mut rng, cfg.threads));
         bar.inc(chunk.len() as u64);
     }
     let cue = tokenizer.encode(&cfg.forced_answer_cue);
@@ -115,7 +120,7 @@ pub fn evaluate<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problem
                 .iter()
                 .map(|&i| prompts[i].iter().chain(&full[i].tokens[..used[i]]).chain(&cue).copied().collect())
                 .collect();
-            let answers = generate(model, &inputs, &answer_cfg, &[eos], tokenizer.pad_id(), &mut rng);
+            let answers = generate_sharded(model, &inputs, &answer_cfg, &[eos], tokenizer.pad_id(), &mut rng, cfg.threads);
             for (&i, a) in chunk.iter().zip(&answers) {
                 let mut ids = full[i].tokens[..used[i]].to_vec();
                 ids.extend(&cue);
@@ -132,7 +137,7 @@ pub fn evaluate<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problem
         results.push(summarise(budget, &grades, &used, forced_idx.len(), cfg.samples, problems, &cfg.grader));
     }
     bar.finish_and_clear();
-    EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, results }
+    EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results }
 }
 
 /// Accuracy, pass@n and majority vote from the grades of `samples` responses per problem.
@@ -259,6 +264,7 @@ mod tests {
             model: "m".into(),
             problems: 1,
             samples: 1,
+            temperature: 0.0,
             results: vec![16, 64].into_iter().map(|b| BudgetResult { budget: b, accuracy: b as f32 / 100.0, pass_at_n: 0.0, majority_accuracy: 0.0, mean_tokens: 0.0, forced_fraction: 0.0 }).collect(),
         };
         plot_budget_curves(&path, &[rep]).unwrap();

@@ -7,7 +7,7 @@
 //! what the RL trainer recomputes, so the gap between the two measures engine agreement.
 
 use burn::tensor::backend::Backend;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use t1_model::{Inputs, KvCache, Qwen2};
@@ -126,6 +126,34 @@ pub fn generate<B: Backend>(
     out
 }
 
+/// [`generate`] with the batch cut into `threads` shards, each decoded on its own thread from
+/// its own ChaCha stream seeded from `rng`: reproducible for a given `threads`, and equal to
+/// [`generate`] (same stream) when `threads` is 1.
+pub fn generate_sharded<B: Backend>(
+    model: &Qwen2<B>,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    eos: &[u32],
+    pad: u32,
+    rng: &mut ChaCha8Rng,
+    threads: usize,
+) -> Vec<Rollout> {
+    if threads <= 1 || prompts.len() < 2 {
+        return generate(model, prompts, cfg, eos, pad, rng);
+    }
+    let shards: Vec<_> = crate::parallel::split_even(prompts.len(), threads).into_iter().map(|r| (r, rng.random::<u64>())).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .into_iter()
+            .map(|(range, seed)| {
+                let m = model.clone();
+                scope.spawn(move || generate(&m, &prompts[range], cfg, eos, pad, &mut ChaCha8Rng::seed_from_u64(seed)))
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}
+
 /// Logits of the last position of every row, on the host: `[batch, T, V]` → `[batch * V]`.
 fn last_logits<B: Backend>(logits: burn::tensor::Tensor<B, 3>, vocab: usize) -> Vec<f32> {
     let [b, t, _] = logits.dims();
@@ -182,7 +210,6 @@ fn argmax(x: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn greedy_takes_the_argmax_and_reports_its_logprob() {

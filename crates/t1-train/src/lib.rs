@@ -5,6 +5,7 @@ pub mod common;
 pub mod config;
 pub mod crosscheck;
 pub mod generate;
+pub mod parallel;
 pub mod rl;
 pub mod sft;
 
@@ -17,7 +18,7 @@ use t1_data::{ChatTokenizer, Problem};
 use t1_model::Qwen2;
 
 pub use config::{load_config, load_config_text};
-pub use generate::{generate, Rollout, SamplingConfig};
+pub use generate::{generate, generate_sharded, Rollout, SamplingConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -41,19 +42,21 @@ impl TrainError {
     }
 }
 
-/// Greedy held-out answer accuracy: the fraction of `problems` whose generated response the
-/// grader (the RL reward's own function) marks correct.
-pub fn eval_accuracy<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], max_new_tokens: usize, batch: usize) -> f32 {
+/// Held-out answer accuracy: the fraction of `problems` whose response, decoded with
+/// `sampling` (greedy, or sampled from a fixed seed so that checkpoints are compared on the
+/// same stream), the grader (the RL reward's own function) marks correct. `batch` rows per
+/// generation call, each call cut into `threads` shards.
+pub fn eval_accuracy<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, batch: usize, threads: usize) -> f32 {
     if problems.is_empty() {
         return 0.0;
     }
     let grader = t1_reward::GraderConfig::default();
-    let cfg = SamplingConfig::greedy(max_new_tokens);
+    let cfg = sampling;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut correct = 0usize;
     for chunk in problems.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect();
-        let outs = generate(model, &prompts, &cfg, &[tokenizer.eos_id()], tokenizer.pad_id(), &mut rng);
+        let outs = generate_sharded(model, &prompts, cfg, &[tokenizer.eos_id()], tokenizer.pad_id(), &mut rng, threads);
         for (p, o) in chunk.iter().zip(&outs) {
             let text = tokenizer.decode(&o.tokens);
             if t1_reward::grade(&text, &p.answer, &grader).correct {

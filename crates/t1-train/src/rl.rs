@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
@@ -33,7 +33,7 @@ use t1_reward::{GraderConfig, PenaltyConfig};
 
 use crate::common::{self, lr_at, Metrics, TrainerState};
 use crate::sft::{init_model, scalar, ModelSource, OptimConfig};
-use crate::{eval_accuracy, generate, Rollout, SamplingConfig, TrainError};
+use crate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig, TrainError};
 
 /// `t1 rl` settings. Every field has a default; unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +146,9 @@ pub struct RlTrain {
     pub save_every: usize,
     pub keep_checkpoints: usize,
     pub max_bad_steps: usize,
+    /// Threads for generation and data-parallel update shards (CPU: the number of cores;
+    /// GPU: 1). With more than one, each generation shard samples from its own seeded stream.
+    pub threads: usize,
 }
 
 impl Default for RlConfig {
@@ -207,7 +210,7 @@ impl Default for LossConfig {
 }
 impl Default for RlTrain {
     fn default() -> Self {
-        Self { steps: 100, seed: 0, eval_every: 0, eval_problems: 100, save_every: 0, keep_checkpoints: 2, max_bad_steps: 5 }
+        Self { steps: 100, seed: 0, eval_every: 0, eval_problems: 100, save_every: 0, keep_checkpoints: 2, max_bad_steps: 5, threads: 1 }
     }
 }
 
@@ -225,6 +228,9 @@ impl RlConfig {
         let r = &self.rollout;
         if r.prompts_per_step == 0 || r.samples_per_prompt == 0 {
             return bad("rollout.prompts_per_step and rollout.samples_per_prompt must be > 0".into());
+        }
+        if self.train.threads == 0 {
+            return bad("train.threads must be > 0".into());
         }
         if r.keep != Keep::All && (r.keep_per_prompt == 0 || r.keep_per_prompt > r.samples_per_prompt) {
             return bad(format!("rollout.keep_per_prompt must be in 1..={} with keep = {:?}", r.samples_per_prompt, r.keep));
@@ -259,8 +265,12 @@ struct Sample {
 #[derive(Debug, Clone, Serialize)]
 pub struct RlSummary {
     pub steps: usize,
+    /// Held-out greedy accuracy before the first step and after the last.
     pub initial_accuracy: Option<f32>,
     pub final_accuracy: Option<f32>,
+    /// Held-out accuracy sampled at `sampling.temperature` (fixed seed), before and after.
+    pub initial_sampled_accuracy: Option<f32>,
+    pub final_sampled_accuracy: Option<f32>,
     pub wall_s: f32,
     pub final_dir: PathBuf,
 }
@@ -306,11 +316,20 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     };
 
     let started = Instant::now();
-    let initial_accuracy = (!eval.is_empty() && state.step == 0).then(|| eval_accuracy(&policy.valid(), &tokenizer, &eval, cfg.sampling.max_new_tokens, 32));
-    if let Some(acc) = initial_accuracy {
-        metrics.log(&json!({"step": 0, "eval_accuracy": acc}));
-        eprintln!("step 0 eval_accuracy {acc:.3}");
+    // held-out accuracy, greedy and sampled at the rollout temperature (fixed seed)
+    let held_out = |model: &Qwen2<B::InnerBackend>| {
+        let greedy = eval_accuracy(model, &tokenizer, &eval, &SamplingConfig::greedy(cfg.sampling.max_new_tokens), 64, t.threads);
+        let sampled = eval_accuracy(model, &tokenizer, &eval, &cfg.sampling, 64, t.threads);
+        (greedy, sampled)
+    };
+    let initial = (!eval.is_empty() && state.step == 0).then(|| held_out(&policy.valid()));
+    let initial_accuracy = initial.map(|(greedy, _)| greedy);
+    let initial_sampled_accuracy = initial.map(|(_, sampled)| sampled);
+    if let Some((greedy, sampled)) = initial {
+        metrics.log(&json!({"step": 0, "eval_accuracy": greedy, "eval_sampled_accuracy": sampled}));
+        eprintln!("step 0 eval_accuracy {greedy:.3} (greedy) {sampled:.3} (sampled at T = {})", cfg.sampling.temperature);
     }
+    let mut final_sampled_accuracy = initial_sampled_accuracy;
     let mut final_accuracy = initial_accuracy;
     let bar = common::progress(t.steps, state.step, "rl");
     let mut bad_in_row = 0;
@@ -343,9 +362,15 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
             order.shuffle(&mut rng);
             let per = batch.rows.div_ceil(cfg.loss.minibatches);
             for rows in order.chunks(per) {
-                let (loss, clip_frac, entropy) = minibatch_loss(cfg, &policy, &batch, rows, &old_logp, &ref_logp, &adv, norm_len);
-                let loss_v = scalar(loss.clone());
-                let grads = GradientsParams::from_grads(loss.backward(), &policy);
+                // the minibatch's normaliser, so that the shards' losses add up to its loss
+                let mask: Vec<f32> = rows.iter().flat_map(|&r| batch.mask[r * batch.len..(r + 1) * batch.len].to_vec()).collect();
+                let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
+                let shards: Vec<&[usize]> = crate::parallel::split_even(rows.len(), t.threads).into_iter().map(|r| &rows[r]).collect();
+                let (grads, loss_v, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
+                    let (loss, clip_frac, entropy) = minibatch_loss(cfg, m, &batch, rows, &old_logp, &ref_logp, &adv, norm);
+                    (loss, (clip_frac, entropy))
+                });
+                let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
                 let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
                 if !loss_v.is_finite() || !norm.is_finite() {
                     bad = true;
@@ -394,10 +419,12 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         });
         let last = state.step == t.steps;
         if !eval.is_empty() && (last || (t.eval_every > 0 && state.step % t.eval_every == 0)) {
-            let acc = eval_accuracy(&policy.valid(), &tokenizer, &eval, cfg.sampling.max_new_tokens, 32);
+            let (acc, sampled) = held_out(&policy.valid());
             record["eval_accuracy"] = json!(acc);
+            record["eval_sampled_accuracy"] = json!(sampled);
             final_accuracy = Some(acc);
-            bar.println(format!("step {} eval_accuracy {acc:.3}", state.step));
+            final_sampled_accuracy = Some(sampled);
+            bar.println(format!("step {} eval_accuracy {acc:.3} (greedy) {sampled:.3} (sampled)", state.step));
         }
         bar.set_position(state.step as u64);
         bar.set_message(format!("reward {:.3} acc {:.3} len {:.0}", record["reward"], record["accuracy"], record["response_length"]));
@@ -410,7 +437,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     let final_dir = cfg.out_dir.join("final");
     t1_model::save(&policy.valid(), &model_config, &final_dir, &Default::default())?;
     tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
-    let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
+    let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, initial_sampled_accuracy, final_sampled_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
     metrics.log(&json!({"event": "end", "summary": summary}));
     Ok(summary)
 }
@@ -458,7 +485,7 @@ fn collect_samples<B: Backend>(
         let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), k)).collect();
         let mut rollouts = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(r.generation_batch.max(1)) {
-            rollouts.extend(generate(model, chunk, &cfg.sampling, eos, tokenizer.pad_id(), rng));
+            rollouts.extend(generate_sharded(model, chunk, &cfg.sampling, eos, tokenizer.pad_id(), rng, cfg.train.threads));
         }
         for (g, problem) in chosen.iter().enumerate() {
             let mut group: Vec<Sample> = (0..k)
@@ -629,7 +656,8 @@ impl RlBatch {
     }
 }
 
-/// Loss of one minibatch, its clip fraction and mean entropy.
+/// Loss of (a shard of) one minibatch, its clip fraction and mean entropy, each normalised by
+/// `norm` (the whole minibatch's), so that shards add up.
 #[allow(clippy::too_many_arguments)]
 fn minibatch_loss<B: AutodiffBackend>(
     cfg: &RlConfig,
@@ -639,7 +667,7 @@ fn minibatch_loss<B: AutodiffBackend>(
     old_logp: &[f32],
     ref_logp: &[f32],
     adv: &[f32],
-    norm_len: f32,
+    norm: Normalizer,
 ) -> (Tensor<B, 1>, f32, f32) {
     let device = policy.device();
     let (n, t) = (rows.len(), batch.len);
@@ -651,7 +679,6 @@ fn minibatch_loss<B: AutodiffBackend>(
     let mask = tensor2::<B>(&mask_v, n, t, &device);
     let old = tensor2::<B>(&pick(old_logp), n, t, &device);
     let adv_t = Tensor::<B, 1>::from_data(TensorData::new(rows.iter().map(|&r| adv[r]).collect::<Vec<f32>>(), [n]), &device);
-    let norm = Normalizer::of_mask(&mask_v, t, norm_len);
     let l = &cfg.loss;
     let (pg, clipped) = policy_loss(logp.clone(), old, adv_t, l.clip_eps_low, l.clip_eps_high);
     let mut loss = aggregate(pg, mask.clone(), l.agg, norm);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
@@ -21,7 +21,7 @@ use t1_data::{pad_batch, ChatTokenizer, OnBadLine, Problem, SftBatch, TokenizedE
 use t1_model::{Inputs, Qwen2, Qwen2Config, WeightDtype};
 
 use crate::common::{self, lr_at, Metrics, TrainerState};
-use crate::{eval_accuracy, TrainError};
+use crate::{eval_accuracy, SamplingConfig, TrainError};
 
 /// `t1 sft` settings. Every field has a default; unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,8 +102,12 @@ pub struct SftTrain {
     pub max_steps: usize,
     /// Sequences per micro-batch.
     pub batch_size: usize,
-    /// Micro-batches per optimiser step.
+    /// Micro-batches per optimiser step. The loss is the mean over all loss tokens of the
+    /// step (token-weighted across micro-batches, as transformers' Trainer does).
     pub grad_accum: usize,
+    /// Data-parallel shards of each micro-batch, each run on its own thread (CPU: the number
+    /// of cores; GPU: 1). Gradients equal the unsharded ones up to float rounding.
+    pub threads: usize,
     pub seed: u64,
     /// Evaluate (held-out loss and accuracy) every N steps and at the end (0 = only at the end).
     pub eval_every: usize,
@@ -179,6 +183,7 @@ impl Default for SftTrain {
             max_steps: 0,
             batch_size: 8,
             grad_accum: 1,
+            threads: 1,
             seed: 0,
             eval_every: 0,
             eval_problems: 64,
@@ -203,8 +208,8 @@ impl SftConfig {
         if self.data.train.as_os_str().is_empty() {
             return bad("data.train is empty: give an SFT JSONL file");
         }
-        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
-            return bad("train.batch_size and train.grad_accum must be > 0");
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 || self.train.threads == 0 {
+            return bad("train.batch_size, train.grad_accum and train.threads must be > 0");
         }
         if !(self.optim.lr > 0.0) {
             return bad("optim.lr must be > 0");
@@ -332,6 +337,15 @@ pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> 
     masked_mean(token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg(), mask)
 }
 
+/// Summed next-token NLL over the loss tokens of a batch (divide by the step's loss-token
+/// count for the mean). Returns `[1]`.
+pub fn sft_nll_sum<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
+    let device = model.device();
+    let (inputs, targets, mask) = batch_tensors::<B>(batch, &device);
+    let logits = model.forward(&inputs, None);
+    (token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg() * mask).sum()
+}
+
 /// Runs SFT (or continues it with `resume`) and returns its summary.
 pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
     cfg.validate()?;
@@ -391,8 +405,9 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
     let (mut eval_loss, mut eval_acc) = (None, None);
     while state.step < total {
         let lr = lr_at(state.step, total, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio);
-        let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
-        let mut step_loss = 0.0f32;
+        // grad_accum micro-batches, each cut into `threads` shards; the loss is the mean NLL
+        // over all loss tokens of the step, so shards and micro-batches add up exactly
+        let mut micro = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
             if state.cursor >= order.len() {
                 state.epoch += 1;
@@ -401,12 +416,19 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
             }
             let idx = &order[state.cursor..(state.cursor + t.batch_size).min(order.len())];
             state.cursor += idx.len();
-            let examples: Vec<&TokenizedExample> = idx.iter().map(|&i| &train[i]).collect();
-            let batch = pad_batch(&examples, tokenizer.pad_id());
-            tokens_seen += batch.attention.iter().filter(|&&a| a).count();
-            let loss = sft_loss(&model, &batch).div_scalar(t.grad_accum as f32);
-            step_loss += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let shards: Vec<SftBatch> = crate::parallel::split_even(idx.len(), t.threads)
+                .into_iter()
+                .map(|r| pad_batch(&idx[r].iter().map(|&i| &train[i]).collect::<Vec<_>>(), tokenizer.pad_id()))
+                .collect();
+            micro.push(shards);
+        }
+        let loss_tokens = micro.iter().flatten().map(|b| b.target_mask.iter().filter(|&&m| m).count()).sum::<usize>().max(1) as f32;
+        tokens_seen += micro.iter().flatten().map(|b| b.attention.iter().filter(|&&a| a).count()).sum::<usize>();
+        let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
+        let mut step_loss = 0.0f32;
+        for shards in micro {
+            let (grads, loss, _) = crate::parallel::sharded_grads(&model, shards, |m, b| (sft_nll_sum(m, &b).div_scalar(loss_tokens), ()));
+            step_loss += loss;
             accum.accumulate(&model, grads);
         }
         let (grads, norm) = common::clip_global_norm(&model, accum.grads(), cfg.optim.grad_clip);
@@ -436,7 +458,7 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
                 record["eval_loss"] = json!(l);
             }
             if !problems.is_empty() {
-                let acc = eval_accuracy(&inner, &tokenizer, &problems, t.eval_max_new_tokens, 32);
+                let acc = eval_accuracy(&inner, &tokenizer, &problems, &SamplingConfig::greedy(t.eval_max_new_tokens), 64, t.threads);
                 eval_acc = Some(acc);
                 record["eval_accuracy"] = json!(acc);
             }
