@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod crosscheck;
 mod hostile;
+#[cfg(unix)]
 mod kill;
 mod model;
 mod train;
