@@ -131,6 +131,8 @@ pub struct TrainerState {
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer";
 pub const RUN_CONFIG_FILE: &str = "run_config.toml";
+/// Every file of a checkpoint with its size in bytes, written just before the state file.
+pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Writes `out_dir/checkpoint-{step}`: the model (HF layout), tokenizer, optimiser state,
@@ -162,8 +164,11 @@ pub fn save_checkpoint<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B
         .record(optim.to_record(), tmp.join(OPTIMIZER_FILE))
         .map_err(|e| TrainError::Checkpoint { path: tmp.clone(), message: e.to_string() })?;
     std::fs::write(tmp.join(RUN_CONFIG_FILE), run_config).map_err(|e| TrainError::io(&tmp, e))?;
+    let manifest = serde_json::to_string_pretty(&file_sizes(&tmp, &tmp).map_err(|e| TrainError::io(&tmp, e))?).expect("json");
+    t1_model::hf::write_atomic(&tmp.join(MANIFEST_FILE), manifest.as_bytes())?;
     sync_tree(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    // the state file is written last: its presence marks a complete checkpoint
+    // the state file is written last: its presence (and a manifest that matches the files)
+    // marks a complete checkpoint
     t1_model::hf::write_atomic(&tmp.join(STATE_FILE), serde_json::to_string_pretty(state).expect("json").as_bytes())?;
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
@@ -193,7 +198,35 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Complete checkpoints of a run, oldest first.
+/// Size of every file under `dir`, keyed by its path relative to `root` ('/'-separated).
+fn file_sizes(root: &Path, dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(file_sizes(root, &path)?);
+        } else {
+            let rel = path.strip_prefix(root).unwrap_or(&path).components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            out.insert(rel, std::fs::metadata(&path)?.len());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether every file the checkpoint's manifest lists is there with its recorded size. A
+/// checkpoint written before manifests existed (no manifest file) passes.
+pub fn manifest_matches(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) else {
+        return !dir.join(MANIFEST_FILE).exists();
+    };
+    let Ok(listed) = serde_json::from_str::<std::collections::BTreeMap<String, u64>>(&text) else {
+        return false;
+    };
+    listed.iter().all(|(rel, &size)| std::fs::metadata(dir.join(rel)).map(|m| m.len() == size).unwrap_or(false))
+}
+
+/// Complete checkpoints of a run, oldest first: a state file and a manifest that matches the
+/// files on disk (a checkpoint damaged after it was written is skipped with a warning).
 pub fn list_checkpoints(out_dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out_dir)
         .into_iter()
@@ -202,7 +235,14 @@ pub fn list_checkpoints(out_dir: &Path) -> Vec<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join(STATE_FILE).exists().then(|| (step, e.path()))
+            if !e.path().join(STATE_FILE).exists() {
+                return None;
+            }
+            if !manifest_matches(&e.path()) {
+                eprintln!("warning: {} does not match its {MANIFEST_FILE} (a file is missing or has another size); skipping it", e.path().display());
+                return None;
+            }
+            Some((step, e.path()))
         })
         .collect();
     v.sort();
@@ -236,5 +276,27 @@ mod tests {
         assert!((lr_at(10, 100, 10, 1.0, 0.1) - 1.0).abs() < 1e-12);
         assert!((lr_at(55, 100, 10, 1.0, 0.1) - 0.55).abs() < 1e-9); // half way: (1 + 0.1) / 2
         assert!((lr_at(100, 100, 10, 1.0, 0.1) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn resume_skips_a_checkpoint_that_no_longer_matches_its_manifest() {
+        let out = tempfile::tempdir().unwrap();
+        for step in [1, 2] {
+            let dir = out.path().join(format!("checkpoint-{step:06}"));
+            std::fs::create_dir_all(dir.join("reference")).unwrap();
+            std::fs::write(dir.join("model.safetensors"), vec![7u8; 100]).unwrap();
+            std::fs::write(dir.join("reference/model.safetensors"), vec![7u8; 50]).unwrap();
+            let sizes = file_sizes(&dir, &dir).unwrap();
+            assert_eq!(sizes.get("reference/model.safetensors"), Some(&50));
+            std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_string(&sizes).unwrap()).unwrap();
+            std::fs::write(dir.join(STATE_FILE), "{}").unwrap();
+        }
+        let names = |v: Vec<PathBuf>| v.iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(list_checkpoints(out.path())), ["checkpoint-000001", "checkpoint-000002"]);
+        // a truncated weight file (disk full, a bad copy) disqualifies the newest checkpoint
+        std::fs::write(out.path().join("checkpoint-000002/reference/model.safetensors"), vec![7u8; 10]).unwrap();
+        assert_eq!(names(list_checkpoints(out.path())), ["checkpoint-000001"]);
+        std::fs::remove_file(out.path().join("checkpoint-000001/model.safetensors")).unwrap();
+        assert!(list_checkpoints(out.path()).is_empty());
     }
 }
