@@ -329,3 +329,22 @@ fn hostile_cli_malicious_safetensors() {
     assert_fails(&o, &["model.embed_tokens.weight", "more bytes than memory can address"]);
     assert!(!out.exists());
 }
+
+#[test]
+fn hostile_cli_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_good_checkpoint() {
+    // lr 1e30: the first AdamW step moves every weight by ~1e30, so every later loss overflows
+    let dir = sft_setup();
+    let out = dir.path().join("out");
+    let o = sft(dir.path(), &["optim.lr=1e30", "optim.warmup_steps=0", "train.max_steps=20", "train.save_every=1", "train.max_bad_steps=3", "train.eval_every=0"]);
+    let err = assert_fails(&o, &["3 steps in a row had a non-finite loss or gradient", "checkpoint", "--resume"]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let skipped = metrics.lines().filter(|l| l.contains("\"skipped_step\"")).count();
+    let stepped = metrics.lines().filter(|l| l.starts_with("{") && l.contains("\"loss\"") && !l.contains("\"event\"")).count();
+    assert_eq!(skipped, 3, "{metrics}");
+    assert_eq!(stepped, 1, "only the first step is finite: {metrics}\n{err}");
+    // the checkpoint of the last good step is complete and loads
+    let kept = t1_train::common::list_checkpoints(&out);
+    assert_eq!(kept.iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect::<Vec<_>>(), ["checkpoint-000001"]);
+    t1_model::load::<FlexInner>(&kept[0], WeightDtype::F32, &Default::default()).unwrap();
+    assert!(!out.join("final").exists(), "a diverged run must not write final/");
+}
