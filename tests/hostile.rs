@@ -348,3 +348,26 @@ fn hostile_cli_diverging_run_skips_non_finite_steps_then_stops_keeping_the_last_
     t1_model::load::<FlexInner>(&kept[0], WeightDtype::F32, &Default::default()).unwrap();
     assert!(!out.join("final").exists(), "a diverged run must not write final/");
 }
+
+#[test]
+fn hostile_cli_diverging_rl_run_stops_keeping_the_last_good_checkpoint() {
+    // the first update at lr 1e30 leaves weights of ~1e30: later rollouts see non-finite
+    // logits, which must give skipped steps and a clear stop, not a panic in sampling
+    let dir = sft_setup();
+    let model = dir.path().join("model");
+    tiny_checkpoint(dir.path(), &model, 512);
+    let out = dir.path().join("rl-out");
+    let mut cfg = rl_config(dir.path(), &model, &out, 10);
+    cfg.optim.lr = 1e30;
+    cfg.optim.warmup_steps = 0;
+    cfg.train.max_bad_steps = 2;
+    std::fs::write(dir.path().join("rl.toml"), toml::to_string(&cfg).unwrap()).unwrap();
+    let o = t1(&["rl", "--config", s(&dir.path().join("rl.toml"))]);
+    let err = assert_fails(&o, &["2 steps in a row had a non-finite loss or gradient", "--resume"]);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"skipped_step\"")).count(), 2, "{metrics}\n{err}");
+    let kept = t1_train::common::list_checkpoints(&out);
+    assert_eq!(kept.iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect::<Vec<_>>(), ["checkpoint-000001"], "{err}");
+    t1_model::load::<FlexInner>(&kept[0], WeightDtype::F32, &Default::default()).unwrap();
+    assert!(!out.join("final").exists());
+}

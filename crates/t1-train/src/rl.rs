@@ -357,7 +357,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         // 4. updates
         let norm_len = if cfg.loss.agg_norm_len > 0 { cfg.loss.agg_norm_len } else { cfg.sampling.max_new_tokens } as f32;
         let mut order: Vec<usize> = (0..batch.rows).collect();
-        let (mut clip_sum, mut ent_sum, mut loss_sum, mut n_updates, mut bad) = (0.0, 0.0, 0.0, 0, false);
+        let (mut clip_sum, mut ent_sum, mut loss_sum, mut n_updates, mut bad_updates) = (0.0, 0.0, 0.0, 0, 0usize);
         for _epoch in 0..cfg.loss.epochs {
             order.shuffle(&mut rng);
             let per = batch.rows.div_ceil(cfg.loss.minibatches);
@@ -373,7 +373,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
                 let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
                 let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
                 if !loss_v.is_finite() || !norm.is_finite() {
-                    bad = true;
+                    bad_updates += 1;
                     continue;
                 }
                 policy = optim.step(lr, policy, grads);
@@ -383,9 +383,13 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
                 n_updates += 1;
             }
         }
+        // a step with a non-finite minibatch is counted as skipped (its other minibatches may
+        // have updated the policy) and is never saved as a checkpoint
+        let bad = bad_updates > 0;
         if bad {
             state.skipped_steps += 1;
             bad_in_row += 1;
+            metrics.log(&json!({"event": "skipped_step", "step": state.step, "non_finite_updates": bad_updates, "updates": n_updates}));
             if bad_in_row >= t.max_bad_steps {
                 return Err(TrainError::Diverged { steps: bad_in_row, out_dir: cfg.out_dir.clone() });
             }
@@ -415,7 +419,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
             "clip_fraction": clip_sum / n_up, "loss": loss_sum / n_up,
             "zero_variance_groups": gen_stats.uniform_fraction, "extra_rounds": gen_stats.extra_rounds,
             "samples": samples.len(), "logprob_gap_max": gap_max, "logprob_gap_mean": gap_mean,
-            "generation_s": gen_s, "step_s": step_start.elapsed().as_secs_f32(),
+            "generation_s": gen_s, "step_s": step_start.elapsed().as_secs_f32(), "skipped_updates": bad_updates,
         });
         let last = state.step == t.steps;
         if !eval.is_empty() && (last || (t.eval_every > 0 && state.step % t.eval_every == 0)) {
@@ -429,7 +433,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         bar.set_position(state.step as u64);
         bar.set_message(format!("reward {:.3} acc {:.3} len {:.0}", record["reward"], record["accuracy"], record["response_length"]));
         metrics.log(&record);
-        if last || (t.save_every > 0 && state.step % t.save_every == 0) {
+        if !bad && (last || (t.save_every > 0 && state.step % t.save_every == 0)) {
             common::save_checkpoint(&cfg.out_dir, &policy, &model_config, &tokenizer, &optim, &state, resolved, &[("reference", &reference)], t.keep_checkpoints)?;
         }
     }
