@@ -233,7 +233,9 @@ impl<B: Backend> Qwen2<B> {
         assert_eq!(past, inputs.past, "inputs were built for {} cached positions, the cache has {past}", inputs.past);
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.ids.clone(), [b, t]), &device);
         let rope = self.rope_tables(inputs, &device, dtype);
-        let bias = attention_bias::<B>(inputs, &device, dtype);
+        // one bias per query head, so every layer adds two contiguous tensors of one shape
+        let heads = self.layers.first().map(|l| l.self_attn.num_heads).unwrap_or(1);
+        let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
 
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -251,9 +253,12 @@ impl<B: Backend> Qwen2<B> {
         }
     }
 
-    /// cos and sin of the rotary angles, each `[batch, 1, len, head_dim]`, computed in f32 the
-    /// way transformers does (`inv_freq = 1 / theta^(2i/d)`, angles = position * inv_freq).
-    fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    /// cos and sin of the rotary angles, computed in f32 the way transformers does
+    /// (`inv_freq = 1 / theta^(2i/d)`, angles = position * inv_freq), laid out like the
+    /// projected heads before they are transposed, `[batch, len, heads, head_dim]`, once for the
+    /// query heads and once for the kv heads: the products in [`rotate`] are then between
+    /// contiguous tensors of one shape.
+    fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> Rope<B> {
         let d = self.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
         let half = d / 2;
         let theta = self.rope_theta as f32;
@@ -269,12 +274,19 @@ impl<B: Backend> Qwen2<B> {
                 }
             }
         }
-        let shape = [inputs.batch, 1, inputs.len, d];
-        (
-            Tensor::<B, 4>::from_data(TensorData::new(cos, shape), (device, DType::F32)).cast(dtype),
-            Tensor::<B, 4>::from_data(TensorData::new(sin, shape), (device, DType::F32)).cast(dtype),
-        )
+        let shape = [inputs.batch, inputs.len, 1, d];
+        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, shape), (device, DType::F32)).cast(dtype);
+        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, shape), (device, DType::F32)).cast(dtype);
+        let (h, kvh) = self.layers.first().map(|l| (l.self_attn.num_heads, l.self_attn.num_kv_heads)).unwrap_or((1, 1));
+        Rope { q: (cos.clone().repeat_dim(2, h), sin.clone().repeat_dim(2, h)), k: (cos.repeat_dim(2, kvh), sin.repeat_dim(2, kvh)) }
     }
+}
+
+/// Rotary tables (cos, sin) of one forward call, `[batch, len, heads, head_dim]`, for the query
+/// heads and for the kv heads.
+struct Rope<B: Backend> {
+    q: (Tensor<B, 4>, Tensor<B, 4>),
+    k: (Tensor<B, 4>, Tensor<B, 4>),
 }
 
 /// Additive attention bias `[batch, 1, len, past + len]`: 0 where query i may attend key j
@@ -299,7 +311,7 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
@@ -319,21 +331,22 @@ impl<B: Backend> Attention<B> {
     /// Grouped-query attention with rotate-half rotary embeddings.
     ///
     /// # Shapes
-    /// - x: `[batch, len, hidden]`, bias: `[batch, 1, len, past + len]`
+    /// - x: `[batch, len, hidden]`, bias: `[batch, heads, len, past + len]`
     /// - returns `[batch, len, hidden]`
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>),
+        rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = rotate(heads(self.q_proj.forward(x.clone()), h), cos, sin);
-        let mut k = rotate(heads(self.k_proj.forward(x.clone()), kvh), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), kvh);
+        // rotate while each projection is still `[b, t, heads, d]` (contiguous), then → `[b, heads, t, d]`
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
+        let q = rotate(heads(self.q_proj.forward(x.clone()), h), &rope.q).swap_dims(1, 2);
+        let mut k = rotate(heads(self.k_proj.forward(x.clone()), kvh), &rope.k).swap_dims(1, 2);
+        let mut v = heads(self.v_proj.forward(x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -353,11 +366,12 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// Rotate-half RoPE (HF layout): `x * cos + rotate_half(x) * sin`, `x` `[batch, heads, len, d]`.
-fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, n, t, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..n, 0..t, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..n, 0..t, d / 2..d]);
+/// Rotate-half RoPE (HF layout): `x * cos + rotate_half(x) * sin`, `x` and the tables
+/// `[batch, len, heads, d]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+    let [b, t, n, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..t, 0..n, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..t, 0..n, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
 }
