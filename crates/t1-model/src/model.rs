@@ -248,8 +248,11 @@ impl<B: Backend> Qwen2<B> {
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+            Some(head) => project(head, hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                hidden.reshape([b * t, h]).matmul(self.embed_tokens.weight.val().transpose()).reshape([b, t, self.vocab_size()])
+            }
         }
     }
 
@@ -323,7 +326,7 @@ impl<B: Backend> DecoderLayer<B> {
 impl<B: Backend> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        project(&self.down_proj, silu(project(&self.gate_proj, x.clone())) * project(&self.up_proj, x))
     }
 }
 
@@ -344,9 +347,9 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // rotate while each projection is still `[b, t, heads, d]` (contiguous), then → `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = rotate(heads(self.q_proj.forward(x.clone()), h), &rope.q).swap_dims(1, 2);
-        let mut k = rotate(heads(self.k_proj.forward(x.clone()), kvh), &rope.k).swap_dims(1, 2);
-        let mut v = heads(self.v_proj.forward(x), kvh).swap_dims(1, 2);
+        let q = rotate(heads(project(&self.q_proj, x.clone()), h), &rope.q).swap_dims(1, 2);
+        let mut k = rotate(heads(project(&self.k_proj, x.clone()), kvh), &rope.k).swap_dims(1, 2);
+        let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -362,8 +365,18 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt()); // [b, kvh, rep*t, s]
         let probs = softmax(scores.reshape([b, h, t, s]) + bias, 3);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
-        self.o_proj.forward(attn.swap_dims(1, 2).reshape([b, t, h * d]))
+        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }
+}
+
+/// `linear(x)` for `x` `[batch, len, in]` as one `[batch * len, in] × [in, out]` matmul: burn's
+/// `Linear` on a 3-d input runs one matmul per batch row (a matrix-vector product per sequence
+/// when decoding), reading the weights `batch` times.
+fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, n] = x.dims();
+    let y = linear.forward(x.reshape([b * t, n]));
+    let out = y.dims()[1];
+    y.reshape([b, t, out])
 }
 
 /// Rotate-half RoPE (HF layout): `x * cos + rotate_half(x) * sin`, `x` and the tables
