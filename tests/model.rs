@@ -34,12 +34,21 @@ fn kv_cache_decoding_matches_full_forward() {
     let r = reference("qwen2-gqa");
     let device = Default::default();
     let (_, model) = t1_model::load::<FlexInner>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
+    // with burn's matmul, and with the packed host projections where this CPU has them
+    let packed = model.decode_weights();
+    println!("packed decode weights: {}", packed.is_some());
+    for weights in [None, packed] {
+        check_cached_decoding(&model, &r, weights);
+    }
+}
+
+fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, weights: Option<t1_model::DecodeWeights>) {
     let (b, t) = (r.batch, r.len);
     let full = to_vec(model.forward(&Inputs::dense(b, t, r.ids.clone()), None));
     let vocab = model.vocab_size();
     // prefill 3 tokens, then one token at a time
     let prefill = 3;
-    let mut cache = KvCache::new(model.num_layers());
+    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights);
     let first: Vec<i64> = (0..b).flat_map(|row| r.ids[row * t..row * t + prefill].to_vec()).collect();
     let out = to_vec(model.forward(&Inputs::dense(b, prefill, first), Some(&mut cache)));
     for row in 0..b {

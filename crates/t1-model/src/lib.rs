@@ -6,10 +6,12 @@
 mod config;
 pub mod hf;
 mod model;
+mod packed;
 
 pub use config::Qwen2Config;
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
 pub use model::{Inputs, KvCache, Qwen2};
+pub use packed::DecodeWeights;
 
 use std::path::{Path, PathBuf};
 

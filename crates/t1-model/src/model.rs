@@ -15,6 +15,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
+use crate::packed::{DecodeWeights, PackedLayer, PackedLinear, MAX_ROWS};
 use crate::Qwen2Config;
 
 /// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
@@ -63,11 +64,20 @@ pub struct Qwen2<B: Backend> {
 pub struct KvCache<B: Backend> {
     /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Packed projection weights for the few-row calls of decoding (CPU only).
+    packed: Option<DecodeWeights>,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self { layers: vec![None; num_layers], packed: None }
+    }
+
+    /// Decoding steps through this cache use `weights` (from [`Qwen2::decode_weights`] of the
+    /// same model, unchanged since) for their projections; `None` changes nothing.
+    pub fn with_decode_weights(mut self, weights: Option<DecodeWeights>) -> Self {
+        self.packed = weights;
+        self
     }
 
     /// Number of positions already cached.
@@ -237,10 +247,11 @@ impl<B: Backend> Qwen2<B> {
         let heads = self.layers.first().map(|l| l.self_attn.num_heads).unwrap_or(1);
         let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
 
+        let packed = cache.as_ref().and_then(|c| c.packed.clone());
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, bias.clone(), layer_cache);
+            x = layer.forward(x, &rope, bias.clone(), layer_cache, packed.as_ref().map(|p| &p.0[i]));
         }
         self.norm.forward(x)
     }
@@ -248,7 +259,7 @@ impl<B: Backend> Qwen2<B> {
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => project(head, hidden),
+            Some(head) => project(head, hidden, None),
             None => {
                 let [b, t, h] = hidden.dims();
                 let (rows, embed) = (hidden.reshape([b * t, h]), self.embed_tokens.weight.val());
@@ -326,16 +337,19 @@ impl<B: Backend> DecoderLayer<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        packed: Option<&PackedLayer>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache, packed);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), packed)
     }
 }
 
 impl<B: Backend> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        project(&self.down_proj, silu(project(&self.gate_proj, x.clone())) * project(&self.up_proj, x))
+    fn forward(&self, x: Tensor<B, 3>, packed: Option<&PackedLayer>) -> Tensor<B, 3> {
+        let gate = project(&self.gate_proj, x.clone(), packed.map(|p| &p.gate));
+        let up = project(&self.up_proj, x, packed.map(|p| &p.up));
+        project(&self.down_proj, silu(gate) * up, packed.map(|p| &p.down))
     }
 }
 
@@ -351,14 +365,15 @@ impl<B: Backend> Attention<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        packed: Option<&PackedLayer>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // rotate while each projection is still `[b, t, heads, d]` (contiguous), then → `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = rotate(heads(project(&self.q_proj, x.clone()), h), &rope.q).swap_dims(1, 2);
-        let mut k = rotate(heads(project(&self.k_proj, x.clone()), kvh), &rope.k).swap_dims(1, 2);
-        let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
+        let q = rotate(heads(project(&self.q_proj, x.clone(), packed.map(|p| &p.q)), h), &rope.q).swap_dims(1, 2);
+        let mut k = rotate(heads(project(&self.k_proj, x.clone(), packed.map(|p| &p.k)), kvh), &rope.k).swap_dims(1, 2);
+        let mut v = heads(project(&self.v_proj, x, packed.map(|p| &p.v)), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -374,15 +389,22 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, kvh, rep*t, s], scaled by 1/√d through the query's rotary tables
         let probs = softmax(scores.reshape([b, h, t, s]) + bias, 3);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
-        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
+        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]), packed.map(|p| &p.o))
     }
 }
 
 /// `linear(x)` for `x` `[batch, len, in]` as one `[batch * len, in] × [in, out]` matmul: burn's
 /// `Linear` on a 3-d input runs one matmul per batch row (a matrix-vector product per sequence
-/// when decoding), reading the weights `batch` times.
-fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// when decoding), reading the weights `batch` times. A decoding step with the weights `packed`
+/// on the host (see `packed.rs`) uses them instead.
+fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>, packed: Option<&PackedLinear>) -> Tensor<B, 3> {
     let [b, t, n] = x.dims();
+    if let Some(p) = packed.filter(|_| b * t <= MAX_ROWS) {
+        let device = x.device();
+        let rows = x.into_data().convert::<f32>().to_vec::<f32>().expect("f32 activations");
+        let y = TensorData::new(p.apply(&rows, b * t), [b, t, p.out_features()]);
+        return Tensor::from_data(y, (&device, DType::F32));
+    }
     let y = linear.forward(x.reshape([b * t, n]));
     let out = y.dims()[1];
     y.reshape([b, t, out])

@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use t1_model::{Inputs, KvCache, Qwen2};
+use t1_model::{DecodeWeights, Inputs, KvCache, Qwen2};
 
 /// How tokens are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +71,19 @@ pub fn generate<B: Backend>(
     pad: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Rollout> {
+    generate_with(model, model.decode_weights(), prompts, cfg, eos, pad, rng)
+}
+
+/// [`generate`] with the model's packed decode weights made by the caller (shared by threads).
+fn generate_with<B: Backend>(
+    model: &Qwen2<B>,
+    weights: Option<DecodeWeights>,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    eos: &[u32],
+    pad: u32,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Rollout> {
     let b = prompts.len();
     if b == 0 {
         return vec![];
@@ -86,7 +99,7 @@ pub fn generate<B: Backend>(
     }
     let mut key_mask: Vec<Vec<bool>> = mask.chunks(width).map(|c| c.to_vec()).collect();
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut cache = KvCache::new(model.num_layers());
+    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights);
     let vocab = model.vocab_size();
     let logits = model.forward(&Inputs::new(b, width, ids, mask), Some(&mut cache));
     let mut last = last_logits(logits, vocab);
@@ -142,12 +155,13 @@ pub fn generate_sharded<B: Backend>(
         return generate(model, prompts, cfg, eos, pad, rng);
     }
     let shards: Vec<_> = crate::parallel::split_even(prompts.len(), threads).into_iter().map(|r| (r, rng.random::<u64>())).collect();
+    let weights = model.decode_weights();
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
             .map(|(range, seed)| {
-                let m = model.clone();
-                scope.spawn(move || generate(&m, &prompts[range], cfg, eos, pad, &mut ChaCha8Rng::seed_from_u64(seed)))
+                let (m, w) = (model.clone(), weights.clone());
+                scope.spawn(move || generate_with(&m, w, &prompts[range], cfg, eos, pad, &mut ChaCha8Rng::seed_from_u64(seed)))
             })
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
