@@ -17,8 +17,9 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 
-/// Calls with more rows (prefill, training) use gemm, which is faster there.
-pub(crate) const MAX_ROWS: usize = 16;
+/// Calls with more rows (prefill, training) use gemm. Measured on the 18M model, 2 threads:
+/// 32 rows per thread 1,882 vs gemm's 1,652 tokens/s, 64 rows 2,015 vs 1,602.
+pub(crate) const MAX_ROWS: usize = 64;
 /// Output columns per panel: two AVX-512 registers.
 const NT: usize = 32;
 /// Rows multiplied together: 8 × 32 accumulators fit in 16 AVX-512 registers.
