@@ -175,6 +175,24 @@ fn last_logits<B: Backend>(logits: burn::tensor::Tensor<B, 3>, vocab: usize) -> 
     last.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits")
 }
 
+/// Indices of `values` from the largest to the smallest (`f32::total_cmp` order, ties by index),
+/// by sorting plain `u64` keys: the same order as sorting indices with that comparator, without
+/// its indirect loads (the sort was 4% of a decoding step over a 2,048-token vocabulary).
+fn descending_order(values: &[f32]) -> Vec<usize> {
+    let mut keys: Vec<u64> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            // total_cmp's own transform: an i32 whose order is total_cmp's, then as u32
+            let bits = v.to_bits() as i32;
+            let ordered = (bits ^ ((((bits >> 31) as u32) >> 1) as i32)) as u32 ^ 0x8000_0000;
+            (u64::from(!ordered) << 32) | i as u64
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.into_iter().map(|k| (k & 0xffff_ffff) as usize).collect()
+}
+
 /// Draws one token from `logits` `[V]`; returns it and its log-probability under
 /// softmax(logits / T) (under softmax(logits) for greedy decoding).
 pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u32, f32) {
@@ -188,8 +206,7 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u3
         return (best as u32, logprob(best));
     }
     // candidates sorted by probability, cut by top-k then top-p
-    let mut order: Vec<usize> = (0..scaled.len()).collect();
-    order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    let mut order = descending_order(&scaled);
     if cfg.top_k > 0 {
         order.truncate(cfg.top_k);
     }
@@ -224,6 +241,25 @@ fn argmax(x: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descending_order_is_the_total_cmp_order_with_ties_by_index() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let special = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE, -1e-40, 1.0];
+        for case in 0..200 {
+            let n = 1 + case % 37;
+            let values: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..4) {
+                    0 => special[rng.random_range(0..special.len())],
+                    1 => rng.random_range(-3..3) as f32, // ties
+                    _ => rng.random::<f32>() * 20.0 - 10.0,
+                })
+                .collect();
+            let mut want: Vec<usize> = (0..n).collect();
+            want.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+            assert_eq!(descending_order(&values), want, "{values:?}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_argmax_and_reports_its_logprob() {
