@@ -400,10 +400,7 @@ impl<B: Backend> Attention<B> {
 fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>, packed: Option<&PackedLinear>) -> Tensor<B, 3> {
     let [b, t, n] = x.dims();
     if let Some(p) = packed.filter(|_| b * t <= MAX_ROWS) {
-        let device = x.device();
-        let rows = x.into_data().convert::<f32>().to_vec::<f32>().expect("f32 activations");
-        let y = TensorData::new(p.apply(&rows, b * t), [b, t, p.out_features()]);
-        return Tensor::from_data(y, (&device, DType::F32));
+        return p.forward(x);
     }
     let y = linear.forward(x.reshape([b * t, n]));
     let out = y.dims()[1];
