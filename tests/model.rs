@@ -71,6 +71,101 @@ fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, weights: Optio
     assert_eq!(cache.len(), t);
 }
 
+/// Host decoding (`decode.rs`) against decoding through burn's tensors, on a left-padded batch
+/// with a sequence that stops (its new keys masked), past the host cache's first capacity (64),
+/// on 1–3 threads, and back to a multi-token call after host steps. Both checkpoints: one with
+/// an `lm_head`, one tied.
+#[test]
+fn host_decoding_matches_decoding_through_burn() {
+    let device = Default::default();
+    for name in ["qwen2-gqa", "qwen2-tied"] {
+        let (_, model) = t1_model::load::<FlexInner>(&fixture(name), WeightDtype::F32, &device).unwrap();
+        let Some(weights) = model.decode_weights() else {
+            println!("no AVX-512 on this CPU: host decoding is not used here");
+            return;
+        };
+        let (b, width, steps, vocab) = (3, 5, 80, model.vocab_size());
+        // row 0 full, row 1 two pads, row 2 four pads
+        let pads = [0, 2, 4];
+        let mask: Vec<bool> = pads.iter().flat_map(|&p| (0..width).map(move |i| i >= p)).collect();
+        let id = |row: usize, i: usize| ((row * 31 + i * 7) % (vocab - 1) + 1) as i64;
+        let ids: Vec<i64> = (0..b).flat_map(|row| (0..width).map(move |i| id(row, i))).collect();
+        let decode = |weights: Option<t1_model::DecodeWeights>, threads: usize| {
+            let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights).with_threads(threads);
+            let mut out = vec![to_vec(model.forward(&Inputs::new(b, width, ids.clone(), mask.clone()), Some(&mut cache)))];
+            let mut key_mask = mask.clone();
+            let mut pos: Vec<i64> = pads.iter().map(|p| (width - p) as i64).collect();
+            for step in 0..steps {
+                // row 2 stops after 10 tokens: pad ids, masked keys
+                let live = |row: usize| row != 2 || step < 10;
+                let step_ids: Vec<i64> = (0..b).map(|row| if live(row) { id(row, width + step) } else { 0 }).collect();
+                let s = width + step;
+                key_mask = (0..b).flat_map(|row| key_mask[row * s..(row + 1) * s].iter().copied().chain([live(row)])).collect();
+                let inputs = Inputs::step(step_ids, pos.clone(), key_mask.clone());
+                out.push(to_vec(model.forward(&inputs, Some(&mut cache))));
+                pos.iter_mut().for_each(|p| *p += 1);
+            }
+            // two tokens at once: through burn's tensors again, from the host cache
+            let s = width + steps;
+            let ids2: Vec<i64> = (0..b * 2).map(|i| id(i, 3)).collect();
+            let mask2: Vec<bool> = (0..b).flat_map(|row| key_mask[row * s..(row + 1) * s].iter().copied().chain([true, true])).collect();
+            let positions: Vec<i64> = pos.iter().flat_map(|&p| [p, p + 1]).collect();
+            let inputs = Inputs { batch: b, len: 2, past: s, ids: ids2, positions, key_mask: mask2 };
+            out.push(to_vec(model.forward(&inputs, Some(&mut cache))));
+            assert_eq!(cache.len(), s + 2);
+            out
+        };
+        let burn = decode(None, 1);
+        for threads in [1, 2, 3] {
+            let host = decode(Some(weights.clone()), threads);
+            for (step, (h, r)) in host.iter().zip(&burn).enumerate() {
+                let diff = max_abs_diff(h, r);
+                assert!(diff < 1e-5, "{name}, {threads} threads, call {step}: max |logit diff| {diff}");
+            }
+        }
+    }
+}
+
+/// `generate_sharded` on the host decodes the whole batch at once, each shard's rows drawn from
+/// the shard's stream: the same tokens as decoding each shard on its own with that stream.
+#[test]
+fn sharded_host_decoding_draws_the_tokens_of_separate_shards() {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    let device = Default::default();
+    let (_, model) = t1_model::load::<FlexInner>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
+    if model.decode_weights().is_none() {
+        println!("no AVX-512 on this CPU: host decoding is not used here");
+        return;
+    }
+    let vocab = model.vocab_size() as u32;
+    let prompts: Vec<Vec<u32>> = (0..7u32).map(|i| (0..3 + i % 4).map(|j| (i * 13 + j * 5) % (vocab - 1) + 1).collect()).collect();
+    let cfg = t1_train::SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: 0, max_new_tokens: 24 };
+    // a tenth of the vocabulary ends a sequence: most stop early, at different steps
+    let eos: Vec<u32> = (1..vocab).step_by(10).collect();
+    for threads in [2, 3] {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let together = t1_train::generate_sharded(&model, &prompts, &cfg, &eos, 0, &mut rng.clone(), threads);
+        let mut alone = vec![];
+        // the shards of `split_even`: sizes differ by at most one, larger first
+        let (base, extra) = (prompts.len() / threads, prompts.len() % threads);
+        let mut start = 0;
+        for i in 0..threads {
+            let len = base + usize::from(i < extra);
+            let seed = rng.random::<u64>();
+            alone.extend(t1_train::generate(&model, &prompts[start..start + len], &cfg, &eos, 0, &mut ChaCha8Rng::seed_from_u64(seed)));
+            start += len;
+        }
+        assert_eq!(together.len(), alone.len());
+        assert!(together.iter().any(|r| !r.truncated), "some sequence should stop at EOS");
+        for (row, (t, a)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(t.tokens, a.tokens, "{threads} threads, row {row}");
+            assert_eq!(t.truncated, a.truncated);
+            assert!(max_abs_diff(&t.logprobs, &a.logprobs) < 1e-5, "{threads} threads, row {row}");
+        }
+    }
+}
+
 #[test]
 fn padding_does_not_change_the_logits_of_real_tokens() {
     let device = Default::default();

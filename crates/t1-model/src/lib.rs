@@ -4,14 +4,16 @@
 //! **Architecture invariant:** this crate names no concrete backend.
 
 mod config;
+mod decode;
 pub mod hf;
 mod model;
 mod packed;
+mod team;
 
 pub use config::Qwen2Config;
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
 pub use model::{Inputs, KvCache, Qwen2};
-pub use packed::DecodeWeights;
+pub use decode::DecodeWeights;
 
 use std::path::{Path, PathBuf};
 

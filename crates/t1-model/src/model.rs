@@ -9,18 +9,22 @@
 //! Masks and rotary tables are computed on the host from the padding mask ([`Inputs`]), so
 //! the same code serves full forward passes, left/right padded batches and KV-cache decoding.
 
+use std::sync::Arc;
+
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
-use crate::packed::{DecodeWeights, PackedLayer, PackedLinear, MAX_ROWS};
+use crate::decode::{DecodeWeights, HostKv};
+use crate::packed::MAX_ROWS;
+use crate::team::Team;
 use crate::Qwen2Config;
 
 /// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
 /// query) gives a uniform distribution instead of NaN.
-const MASKED: f32 = -1e9;
+pub(crate) const MASKED: f32 = -1e9;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -64,24 +68,40 @@ pub struct Qwen2<B: Backend> {
 pub struct KvCache<B: Backend> {
     /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    /// Packed projection weights for the few-row calls of decoding (CPU only).
+    /// Weights for decoding on the host (CPU only, see `decode.rs`).
     packed: Option<DecodeWeights>,
+    /// While decoding on the host, the keys and values live here instead of in `layers`.
+    host: Option<HostKv>,
+    /// Threads of a host decoding step, started at the first one.
+    threads: usize,
+    team: Option<Arc<Team>>,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], packed: None }
+        Self { layers: vec![None; num_layers], packed: None, host: None, threads: 1, team: None }
     }
 
-    /// Decoding steps through this cache use `weights` (from [`Qwen2::decode_weights`] of the
-    /// same model, unchanged since) for their projections; `None` changes nothing.
+    /// Decoding steps through this cache run on the host with `weights` (from
+    /// [`Qwen2::decode_weights`] of the same model, unchanged since); `None` changes nothing.
     pub fn with_decode_weights(mut self, weights: Option<DecodeWeights>) -> Self {
         self.packed = weights;
         self
     }
 
+    /// Host decoding steps (see [`Self::with_decode_weights`]) split their work between
+    /// `threads` threads (this one and `threads - 1` helpers that spin while the cache lives:
+    /// drop the cache when decoding is done). Default 1.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
+        if let Some(host) = &self.host {
+            return host.len;
+        }
         self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
     }
 
@@ -230,8 +250,19 @@ impl<B: Backend> Qwen2<B> {
     /// # Shapes
     /// - returns `[batch, len, vocab_size]`
     pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let hidden = self.forward_hidden(inputs, cache);
-        self.lm_head(hidden)
+        match cache {
+            // one token per sequence, weights on the host: the host decoding step (`decode.rs`)
+            Some(c) if inputs.len == 1 && inputs.batch <= MAX_ROWS && c.packed.is_some() => {
+                let weights = c.packed.clone().expect("checked");
+                let (kv_heads, head_dim) = (weights.0.kv_heads, weights.0.head_dim);
+                let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim));
+                let team = c.team.get_or_insert_with(|| Arc::new(Team::new(c.threads)));
+                let logits = weights.0.step(inputs, kv, team);
+                let data = TensorData::new(logits, [inputs.batch, 1, self.vocab_size()]);
+                Tensor::from_data(data, (&self.device(), DType::F32))
+            }
+            cache => self.lm_head(self.forward_hidden(inputs, cache)),
+        }
     }
 
     /// Final hidden states (after the last RMSNorm), `[batch, len, hidden_size]`.
@@ -247,11 +278,15 @@ impl<B: Backend> Qwen2<B> {
         let heads = self.layers.first().map(|l| l.self_attn.num_heads).unwrap_or(1);
         let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
 
-        let packed = cache.as_ref().and_then(|c| c.packed.clone());
+        if let Some(c) = cache.as_deref_mut() {
+            if let Some(kv) = c.host.take() {
+                c.layers = kv.into_tensors(&device);
+            }
+        }
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, bias.clone(), layer_cache, packed.as_ref().map(|p| &p.0[i]));
+            x = layer.forward(x, &rope, bias.clone(), layer_cache);
         }
         self.norm.forward(x)
     }
@@ -259,7 +294,7 @@ impl<B: Backend> Qwen2<B> {
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => project(head, hidden, None),
+            Some(head) => project(head, hidden),
             None => {
                 let [b, t, h] = hidden.dims();
                 let (rows, embed) = (hidden.reshape([b * t, h]), self.embed_tokens.weight.val());
@@ -279,20 +314,7 @@ impl<B: Backend> Qwen2<B> {
     /// contiguous tensors of one shape.
     fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> Rope<B> {
         let d = self.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
-        let half = d / 2;
-        let theta = self.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
-        let n = inputs.batch * inputs.len;
-        let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
-        for &p in &inputs.positions {
-            for _half in 0..2 {
-                for f in &inv_freq {
-                    let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
+        let (cos, sin) = rope_angles(&inputs.positions, self.rope_theta as f32, d);
         let shape = [inputs.batch, inputs.len, 1, d];
         let table = |v: Vec<f32>, scale: f64, heads: usize| {
             Tensor::<B, 4>::from_data(TensorData::new(v, shape), (device, DType::F32)).mul_scalar(scale).cast(dtype).repeat_dim(2, heads)
@@ -303,6 +325,24 @@ impl<B: Backend> Qwen2<B> {
         let scale = 1.0 / (d as f64).sqrt();
         Rope { q: (table(cos.clone(), scale, h), table(sin.clone(), scale, h)), k: (table(cos, 1.0, kvh), table(sin, 1.0, kvh)) }
     }
+}
+
+/// cos and sin of the rotary angles of `positions`, `[positions.len()][head_dim]` (each
+/// frequency twice, HF's rotate-half layout), in f32 as transformers computes them.
+pub(crate) fn rope_angles(positions: &[i64], theta: f32, d: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
+    let n = positions.len() * d;
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for &p in positions {
+        for _half in 0..2 {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
 }
 
 /// Rotary tables (cos, sin) of one forward call, `[batch, len, heads, head_dim]`, for the query
@@ -337,19 +377,18 @@ impl<B: Backend> DecoderLayer<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-        packed: Option<&PackedLayer>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache, packed);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h), packed)
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
 
 impl<B: Backend> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
-    fn forward(&self, x: Tensor<B, 3>, packed: Option<&PackedLayer>) -> Tensor<B, 3> {
-        let gate = project(&self.gate_proj, x.clone(), packed.map(|p| &p.gate));
-        let up = project(&self.up_proj, x, packed.map(|p| &p.up));
-        project(&self.down_proj, silu(gate) * up, packed.map(|p| &p.down))
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = project(&self.gate_proj, x.clone());
+        let up = project(&self.up_proj, x);
+        project(&self.down_proj, silu(gate) * up)
     }
 }
 
@@ -365,15 +404,14 @@ impl<B: Backend> Attention<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-        packed: Option<&PackedLayer>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // rotate while each projection is still `[b, t, heads, d]` (contiguous), then → `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = rotate(heads(project(&self.q_proj, x.clone(), packed.map(|p| &p.q)), h), &rope.q).swap_dims(1, 2);
-        let mut k = rotate(heads(project(&self.k_proj, x.clone(), packed.map(|p| &p.k)), kvh), &rope.k).swap_dims(1, 2);
-        let mut v = heads(project(&self.v_proj, x, packed.map(|p| &p.v)), kvh).swap_dims(1, 2);
+        let q = rotate(heads(project(&self.q_proj, x.clone()), h), &rope.q).swap_dims(1, 2);
+        let mut k = rotate(heads(project(&self.k_proj, x.clone()), kvh), &rope.k).swap_dims(1, 2);
+        let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -389,19 +427,15 @@ impl<B: Backend> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, kvh, rep*t, s], scaled by 1/√d through the query's rotary tables
         let probs = softmax(scores.reshape([b, h, t, s]) + bias, 3);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
-        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]), packed.map(|p| &p.o))
+        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
 /// `linear(x)` for `x` `[batch, len, in]` as one `[batch * len, in] × [in, out]` matmul: burn's
 /// `Linear` on a 3-d input runs one matmul per batch row (a matrix-vector product per sequence
-/// when decoding), reading the weights `batch` times. A decoding step with the weights `packed`
-/// on the host (see `packed.rs`) uses them instead.
-fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>, packed: Option<&PackedLinear>) -> Tensor<B, 3> {
+/// when decoding), reading the weights `batch` times.
+fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, n] = x.dims();
-    if let Some(p) = packed.filter(|_| b * t <= MAX_ROWS) {
-        return p.forward(x);
-    }
     let y = linear.forward(x.reshape([b * t, n]));
     let out = y.dims()[1];
     y.reshape([b, t, out])

@@ -1,4 +1,4 @@
-//! Host-side projections for decoding on the CPU.
+//! Host-side projections for decoding on the CPU (`decode.rs`).
 //!
 //! A decoding step multiplies a few rows (one per sequence) by every weight matrix: the work is
 //! reading the weights. gemm repacks each weight panel on every call and its reads of the
@@ -7,19 +7,20 @@
 //! `generate` call into column panels `[out / 32][in][32]` that are read front to back (with
 //! software prefetch), and each panel is multiplied by up to 8 rows held in registers: 2× on
 //! the projections of the 18M benchmark model (BENCHMARKS.md).
-//!
-//! Used only where tensors already live in host memory (burn-flex, f32) and only for calls of
-//! at most [`MAX_ROWS`] rows; everything else goes through burn's matmul.
 
-use std::sync::Arc;
+use std::sync::Mutex;
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::Tensor;
 
-/// Calls with more rows (prefill, training) use gemm. Measured on the 18M model, 2 threads:
-/// 32 rows per thread 1,882 vs gemm's 1,652 tokens/s, 64 rows 2,015 vs 1,602.
+use crate::team::Team;
+
+/// Decoding steps of more rows go through burn's matmul (gemm). Measured on the 18M model, with
+/// the batch split between 2 threads: 32 rows per thread 1,882 vs gemm's 1,652 tokens/s,
+/// 64 rows 2,015 vs 1,602.
 pub(crate) const MAX_ROWS: usize = 64;
+
 /// Output columns per panel: two AVX-512 registers.
 const NT: usize = 32;
 /// Rows multiplied together: 8 × 32 accumulators fit in 16 AVX-512 registers.
@@ -54,25 +55,41 @@ impl PackedLinear {
         Self { k, n, panels, bias }
     }
 
-    fn from_linear<B: Backend>(linear: &Linear<B>) -> Self {
-        let [k, n] = linear.weight.dims();
-        let w = host(linear.weight.val());
-        Self::new(&w, k, n, linear.bias.as_ref().map(|b| host(b.val())))
+    pub(crate) fn from_linear<B: Backend>(linear: &Linear<B>) -> Self {
+        Self::concat(&[linear])
     }
 
-    pub(crate) fn out_features(&self) -> usize {
-        self.n
-    }
-
-    /// `x` `[batch, len, in]` → `[batch, len, out]` through [`Self::apply`], on the host.
-    pub(crate) fn forward<B: Backend>(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let ([b, t, _], device) = (x.dims(), x.device());
-        let y = TensorData::new(self.apply(&host(x), b * t), [b, t, self.out_features()]);
-        Tensor::from_data(y, (&device, DType::F32))
+    /// The `Linear`s of one input side by side (`[in, out₁ + out₂ + …]`): one product for
+    /// q/k/v, one for gate/up. A missing bias counts as zeros.
+    pub(crate) fn concat<B: Backend>(linears: &[&Linear<B>]) -> Self {
+        let k = linears[0].weight.dims()[0];
+        let outs: Vec<usize> = linears.iter().map(|l| l.weight.dims()[1]).collect();
+        let n: usize = outs.iter().sum();
+        let mut w = vec![0.0; k * n];
+        let mut bias = linears.iter().any(|l| l.bias.is_some()).then(|| Vec::with_capacity(n));
+        let mut col = 0;
+        for (l, &out) in linears.iter().zip(&outs) {
+            assert_eq!(l.weight.dims()[0], k, "concatenated projections must share their input");
+            for (kk, row) in host(l.weight.val()).chunks_exact(out).enumerate() {
+                w[kk * n + col..][..out].copy_from_slice(row);
+            }
+            if let Some(b) = &mut bias {
+                b.extend(l.bias.as_ref().map_or(vec![0.0; out], |b| host(b.val())));
+            }
+            col += out;
+        }
+        Self::new(&w, k, n, bias)
     }
 
     /// `x` `[m, k]` (row-major) → `[m, n]`. Only on a CPU with AVX-512 ([`available`]).
+    #[cfg(test)]
     pub(crate) fn apply(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.apply_split(x, m, &Team::new(1))
+    }
+
+    /// `x` `[m, k]` → `[m, n]` with the column panels split between the threads of `team`:
+    /// each weight is read once for all `m` rows. Only on a CPU with AVX-512 ([`available`]).
+    pub(crate) fn apply_split(&self, x: &[f32], m: usize, team: &Team) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         assert_eq!(x.len(), m * k, "input of {} values is not [{m}, {k}]", x.len());
         assert!(available(), "packed projections need AVX-512");
@@ -86,18 +103,48 @@ impl PackedLinear {
                 xt[(b * k + kk) * MR + r] = x[row * k + kk];
             }
         }
+        let panels = n.div_ceil(NT);
+        let parts = team.parts().min(panels);
+        let ranges: Vec<_> = (0..parts).map(|i| i * panels / parts..(i + 1) * panels / parts).collect();
+        if parts == 1 {
+            return self.columns(&xt, m, 0..panels);
+        }
+        // each part's columns as `[m][its columns]`, then gathered into rows
+        let outs: Vec<Mutex<Vec<f32>>> = ranges.iter().map(|_| Mutex::new(vec![])).collect();
+        team.run(&|p| {
+            if let Some(r) = ranges.get(p) {
+                *outs[p].lock().unwrap_or_else(|e| e.into_inner()) = self.columns(&xt, m, r.clone());
+            }
+        });
         let mut y = vec![0.0f32; m * n];
+        for (r, out) in ranges.iter().zip(outs) {
+            let (start, width) = (r.start * NT, (r.end * NT).min(n) - r.start * NT);
+            let out = out.into_inner().unwrap_or_else(|e| e.into_inner());
+            for (row, part) in out.chunks_exact(width).enumerate() {
+                y[row * n + start..][..width].copy_from_slice(part);
+            }
+        }
+        y
+    }
+
+    /// The columns of panels `range` for the rows `xt` (`[blocks][k][MR]`), as `[m][columns]`.
+    fn columns(&self, xt: &[f32], m: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let start = range.start * NT;
+        let width = (range.end * NT).min(n) - start;
+        let mut y = vec![0.0f32; m * width];
         let mut acc = [[0.0f32; NT]; MR];
-        for (jb, panel) in self.panels.chunks_exact(k * NT).enumerate() {
-            let cols = (n - jb * NT).min(NT);
-            for b in 0..blocks {
+        for jb in range {
+            let panel = &self.panels[jb * k * NT..][..k * NT];
+            let (col, cols) = (jb * NT - start, (n - jb * NT).min(NT));
+            for b in 0..m.div_ceil(MR) {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available()` checked the CPU.
+                // SAFETY: `apply_split` checked the CPU (`available()`).
                 unsafe {
                     avx512::panel_product(&xt[b * k * MR..(b + 1) * k * MR], panel, &mut acc)
                 };
                 for (r, acc_row) in acc.iter().enumerate().take((m - b * MR).min(MR)) {
-                    let out = &mut y[(b * MR + r) * n + jb * NT..][..cols];
+                    let out = &mut y[(b * MR + r) * width + col..][..cols];
                     out.copy_from_slice(&acc_row[..cols]);
                     if let Some(bias) = &self.bias {
                         for (o, bv) in out.iter_mut().zip(&bias[jb * NT..jb * NT + cols]) {
@@ -161,52 +208,17 @@ mod avx512 {
     }
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data")
 }
 
-/// The projections of one decoder layer, packed.
+/// The projections of one decoder layer, packed; q/k/v and gate/up each as one product.
 #[derive(Debug)]
 pub(crate) struct PackedLayer {
-    pub q: PackedLinear,
-    pub k: PackedLinear,
-    pub v: PackedLinear,
+    pub qkv: PackedLinear,
     pub o: PackedLinear,
-    pub gate: PackedLinear,
-    pub up: PackedLinear,
+    pub gate_up: PackedLinear,
     pub down: PackedLinear,
-}
-
-/// A model's projection weights packed for decoding on the CPU (see the module docs); made by
-/// [`crate::Qwen2::decode_weights`], shared by the threads decoding one batch, and valid while
-/// the model's weights do not change.
-#[derive(Debug, Clone)]
-pub struct DecodeWeights(pub(crate) Arc<Vec<PackedLayer>>);
-
-impl<B: Backend> crate::Qwen2<B> {
-    /// The projection weights packed for fast few-row products, when the model runs on the
-    /// host (burn-flex) in f32 on a CPU with AVX-512; `None` elsewhere (GPU backends, bf16,
-    /// other CPUs), where nothing changes.
-    /// Give them to [`crate::KvCache::with_decode_weights`].
-    pub fn decode_weights(&self) -> Option<DecodeWeights> {
-        if B::name(&self.device()) != "flex" || self.dtype() != DType::F32 || !available() {
-            return None;
-        }
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| PackedLayer {
-                q: PackedLinear::from_linear(&l.self_attn.q_proj),
-                k: PackedLinear::from_linear(&l.self_attn.k_proj),
-                v: PackedLinear::from_linear(&l.self_attn.v_proj),
-                o: PackedLinear::from_linear(&l.self_attn.o_proj),
-                gate: PackedLinear::from_linear(&l.mlp.gate_proj),
-                up: PackedLinear::from_linear(&l.mlp.up_proj),
-                down: PackedLinear::from_linear(&l.mlp.down_proj),
-            })
-            .collect();
-        Some(DecodeWeights(Arc::new(layers)))
-    }
 }
 
 #[cfg(test)]
@@ -239,15 +251,92 @@ mod tests {
             for b in [None, Some(bias.clone())] {
                 let want = naive(&x, m, k, &w, n, b.as_deref());
                 let packed = PackedLinear::new(&w, k, n, b);
-                assert_eq!(packed.out_features(), n);
                 if !available() {
                     eprintln!("no AVX-512 on this CPU: the packed projections are not used here");
                     return;
                 }
-                let got = packed.apply(&x, m);
-                let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+                let one = packed.apply(&x, m);
+                let err = one.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
                 assert!(err < 1e-5 * (k as f32).sqrt().max(1.0), "m={m} k={k} n={n}: max error {err}");
+                // columns split between threads: the same sums, bit for bit
+                for threads in [2, 3] {
+                    assert_eq!(packed.apply_split(&x, m, &Team::new(threads)), one, "m={m} k={k} n={n}, {threads} threads");
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use std::time::Instant;
+
+    /// Not a test: `cargo test --release -p t1-model packed_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn packed_speed() {
+        // the 18M benchmark model: 6 layers of qkv 512→768, o 512→512, gate_up 512→2816, down 1408→512
+        let shapes = [(512, 768), (512, 512), (512, 2816), (1408, 512)];
+        let layers: Vec<Vec<PackedLinear>> = (0..6)
+            .map(|_| shapes.iter().map(|&(k, n)| PackedLinear::new(&vec![0.01; k * n], k, n, None)).collect())
+            .collect();
+        let flops_per_row: usize = 6 * shapes.iter().map(|&(k, n)| 2 * k * n).sum::<usize>();
+        let run = |rows: usize, range: Option<(usize, usize)>| {
+            let mut acc = [[0.0f32; NT]; MR];
+            for l in &layers {
+                for p in l {
+                    let xt = vec![0.5f32; rows.div_ceil(MR) * p.k * MR];
+                    let panels = p.n.div_ceil(NT);
+                    let (a, b) = range.map_or((0, panels), |(i, n)| (i * panels / n, (i + 1) * panels / n));
+                    for jb in a..b {
+                        for blk in 0..rows.div_ceil(MR) {
+                            unsafe { avx512::panel_product(&xt[blk * p.k * MR..(blk + 1) * p.k * MR], &p.panels[jb * p.k * NT..][..p.k * NT], &mut acc) };
+                        }
+                    }
+                }
+            }
+            std::hint::black_box(acc);
+        };
+        let time = |label: &str, rows_total: usize, f: &(dyn Fn() + Sync)| {
+            f();
+            let t = Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            let ms = t.elapsed().as_secs_f64() * 1000.0 / 20.0;
+            println!("{label}: {ms:.2} ms per step, {:.0} GFLOP/s", (flops_per_row * rows_total) as f64 / ms / 1e6);
+        };
+        let small = PackedLinear::new(&vec![0.01; 256 * 64], 256, 64, None);
+        let hot = || {
+            let mut acc = [[0.0f32; NT]; MR];
+            let xt = vec![0.5f32; 256 * MR];
+            for _ in 0..100_000 {
+                for jb in 0..2 {
+                    unsafe { avx512::panel_product(&xt, &small.panels[jb * 256 * NT..][..256 * NT], &mut acc) };
+                }
+            }
+            std::hint::black_box(acc);
+        };
+        let hot_flops = 100_000.0 * 2.0 * 256.0 * 64.0 * 8.0;
+        let t = Instant::now();
+        hot();
+        println!("hot, 1 thread: {:.0} GFLOP/s", hot_flops / t.elapsed().as_secs_f64() / 1e9);
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(hot);
+            hot();
+        });
+        println!("hot, 2 threads: {:.0} GFLOP/s", 2.0 * hot_flops / t.elapsed().as_secs_f64() / 1e9);
+        time("1 thread, 8 rows", 8, &|| run(8, None));
+        time("1 thread, 16 rows", 16, &|| run(16, None));
+        time("2 threads x 8 rows, all columns", 16, &|| std::thread::scope(|s| {
+            s.spawn(|| run(8, None));
+            run(8, None);
+        }));
+        time("2 threads x 16 rows, half the columns (no sync per layer)", 16, &|| std::thread::scope(|s| {
+            s.spawn(|| run(16, Some((1, 2))));
+            run(16, Some((0, 2)));
+        }));
     }
 }

@@ -6,6 +6,8 @@
 //! log-probability under the temperature-scaled distribution, log softmax(logits / T), which is
 //! what the RL trainer recomputes, so the gap between the two measures engine agreement.
 
+use std::ops::Range;
+
 use burn::tensor::backend::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -71,23 +73,27 @@ pub fn generate<B: Backend>(
     pad: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Rollout> {
-    generate_with(model, model.decode_weights(), prompts, cfg, eos, pad, rng)
+    generate_with(model, model.decode_weights(), 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
 }
 
-/// [`generate`] with the model's packed decode weights made by the caller (shared by threads).
+/// [`generate`] with the model's decode weights made by the caller (shared by threads) and run
+/// on `threads` threads, the tokens of the rows in each range drawn from its own stream.
+#[allow(clippy::too_many_arguments)]
 fn generate_with<B: Backend>(
     model: &Qwen2<B>,
     weights: Option<DecodeWeights>,
+    threads: usize,
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
     eos: &[u32],
     pad: u32,
-    rng: &mut ChaCha8Rng,
+    streams: &mut [(Range<usize>, &mut ChaCha8Rng)],
 ) -> Vec<Rollout> {
     let b = prompts.len();
     if b == 0 {
         return vec![];
     }
+    let stream_of: Vec<usize> = (0..b).map(|row| streams.iter().position(|(r, _)| r.contains(&row)).expect("every row has a stream")).collect();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     // left padding: every prompt ends at the same column, so the next token column is shared
     let mut ids = Vec::with_capacity(b * width);
@@ -99,7 +105,7 @@ fn generate_with<B: Backend>(
     }
     let mut key_mask: Vec<Vec<bool>> = mask.chunks(width).map(|c| c.to_vec()).collect();
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights);
+    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights).with_threads(threads);
     let vocab = model.vocab_size();
     let logits = model.forward(&Inputs::new(b, width, ids, mask), Some(&mut cache));
     let mut last = last_logits(logits, vocab);
@@ -114,7 +120,7 @@ fn generate_with<B: Backend>(
                 key_mask[row].push(false);
                 continue;
             }
-            let (tok, lp) = sample(&last[row * vocab..(row + 1) * vocab], cfg, rng);
+            let (tok, lp) = sample(&last[row * vocab..(row + 1) * vocab], cfg, streams[stream_of[row]].1);
             out[row].tokens.push(tok);
             out[row].logprobs.push(lp);
             if eos.contains(&tok) {
@@ -156,12 +162,21 @@ pub fn generate_sharded<B: Backend>(
     }
     let shards: Vec<_> = crate::parallel::split_even(prompts.len(), threads).into_iter().map(|r| (r, rng.random::<u64>())).collect();
     let weights = model.decode_weights();
+    if weights.is_some() {
+        // Decoding on the host splits each step between `threads` threads itself, reading each
+        // weight once per step for the whole batch: one batch, each shard's rows drawn from the
+        // shard's own stream (the tokens of decoding the shards on their own threads).
+        let mut rngs: Vec<ChaCha8Rng> = shards.iter().map(|(_, seed)| ChaCha8Rng::seed_from_u64(*seed)).collect();
+        let mut streams: Vec<_> = shards.iter().map(|(r, _)| r.clone()).zip(rngs.iter_mut()).collect();
+        return generate_with(model, weights, threads, prompts, cfg, eos, pad, &mut streams);
+    }
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
             .map(|(range, seed)| {
-                let (m, w) = (model.clone(), weights.clone());
-                scope.spawn(move || generate_with(&m, w, &prompts[range], cfg, eos, pad, &mut ChaCha8Rng::seed_from_u64(seed)))
+                let m = model.clone();
+                let len = range.len();
+                scope.spawn(move || generate_with(&m, None, 1, &prompts[range], cfg, eos, pad, &mut [(0..len, &mut ChaCha8Rng::seed_from_u64(seed))]))
             })
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()

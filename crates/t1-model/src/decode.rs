@@ -1,0 +1,344 @@
+//! A decoding step on the host: one new token per sequence through the whole model, on plain
+//! `f32` slices, with the keys and values of earlier tokens kept in host buffers that grow by
+//! doubling.
+//!
+//! The same arithmetic as [`crate::Qwen2::forward`] (RMSNorm → q/k/v with bias → rotate-half
+//! RoPE → grouped-query attention → o_proj → residual → RMSNorm → SwiGLU → residual, final
+//! RMSNorm, lm_head), for `len = 1`, with the projections through the packed kernel
+//! (`packed.rs`). Done on the host because a decoding step is small: through burn tensors each
+//! step re-copied the whole KV cache (`Tensor::cat`; burn-flex's `slice_assign` copies the
+//! tensor too), so the cost per token grew with the sequence, and a dozen small tensor ops per
+//! layer cost as much as their arithmetic. Used only where [`crate::Qwen2::decode_weights`]
+//! gives weights (burn-flex, f32, AVX-512); tested against the full forward pass.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::model::{rope_angles, Inputs, MASKED};
+use crate::packed::{available, host, PackedLayer, PackedLinear};
+use crate::team::Team;
+
+/// A model's weights copied to the host for decoding on the CPU: the projections packed for
+/// the few-row kernel (`packed.rs`), the rest as plain vectors. Made by
+/// [`crate::Qwen2::decode_weights`], shared by the threads decoding one batch, and valid while
+/// the model's weights do not change.
+#[derive(Debug, Clone)]
+pub struct DecodeWeights(pub(crate) Arc<HostModel>);
+
+impl<B: Backend> crate::Qwen2<B> {
+    /// The weights for fast decoding on the host ([`KvCache::with_decode_weights`]) when the
+    /// model runs on burn-flex in f32 on a CPU with AVX-512; `None` elsewhere (GPU backends,
+    /// bf16, other CPUs), where decoding goes through burn's tensors as before.
+    ///
+    /// [`KvCache::with_decode_weights`]: crate::KvCache::with_decode_weights
+    pub fn decode_weights(&self) -> Option<DecodeWeights> {
+        if B::name(&self.device()) != "flex" || self.dtype() != DType::F32 || !available() {
+            return None;
+        }
+        let first = &self.layers.first()?.self_attn;
+        let (hidden, vocab) = (self.embed_tokens.weight.dims()[1], self.vocab_size());
+        let embed = host(self.embed_tokens.weight.val());
+        let head = match &self.lm_head {
+            Some(head) => PackedLinear::from_linear(head),
+            None => {
+                let mut transposed = vec![0.0; embed.len()];
+                for (v, row) in embed.chunks_exact(hidden).enumerate() {
+                    for (h, x) in row.iter().enumerate() {
+                        transposed[h * vocab + v] = *x;
+                    }
+                }
+                PackedLinear::new(&transposed, hidden, vocab, None)
+            }
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| HostLayer {
+                input_norm: host(l.input_layernorm.gamma.val()),
+                post_norm: host(l.post_attention_layernorm.gamma.val()),
+                proj: PackedLayer {
+                    qkv: PackedLinear::concat(&[&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj]),
+                    o: PackedLinear::from_linear(&l.self_attn.o_proj),
+                    gate_up: PackedLinear::concat(&[&l.mlp.gate_proj, &l.mlp.up_proj]),
+                    down: PackedLinear::from_linear(&l.mlp.down_proj),
+                },
+            })
+            .collect();
+        Some(DecodeWeights(Arc::new(HostModel {
+            layers,
+            embed,
+            norm: host(self.norm.gamma.val()),
+            eps: self.norm.epsilon as f32,
+            head,
+            hidden,
+            heads: first.num_heads,
+            kv_heads: first.num_kv_heads,
+            head_dim: first.head_dim,
+            rope_theta: self.rope_theta as f32,
+        })))
+    }
+}
+
+/// What a host decoding step reads, copied from a model on burn-flex.
+#[derive(Debug)]
+pub(crate) struct HostModel {
+    pub(crate) layers: Vec<HostLayer>,
+    /// `[vocab, hidden]`
+    pub(crate) embed: Vec<f32>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) eps: f32,
+    /// `lm_head`, or the tied embedding transposed.
+    pub(crate) head: PackedLinear,
+    pub(crate) hidden: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) rope_theta: f32,
+}
+
+#[derive(Debug)]
+pub(crate) struct HostLayer {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) post_norm: Vec<f32>,
+    pub(crate) proj: PackedLayer,
+}
+
+/// Keys and values of the tokens seen so far, per layer `[batch][kv_heads][capacity][head_dim]`.
+#[derive(Debug, Clone)]
+pub(crate) struct HostKv {
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    pub(crate) len: usize,
+    cap: usize,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl HostKv {
+    /// Moves the cache's tensors `[batch, kv_heads, len, head_dim]` (all `None` for an empty
+    /// cache) to host buffers.
+    pub(crate) fn from_tensors<B: Backend>(
+        slots: &mut [Option<(Tensor<B, 4>, Tensor<B, 4>)>],
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        let len = slots.first().and_then(|s| s.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
+        let host = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 cache");
+        let layers = slots
+            .iter_mut()
+            .map(|slot| match slot.take() {
+                Some((k, v)) => {
+                    assert_eq!(k.dims(), [batch, kv_heads, len, head_dim], "KV cache of another shape");
+                    (host(k), host(v))
+                }
+                None => (vec![], vec![]),
+            })
+            .collect();
+        let mut kv = Self { batch, kv_heads, head_dim, len, cap: len, layers };
+        kv.reserve(len + 1);
+        kv
+    }
+
+    /// Back to tensors, for a forward call that is not a host decoding step.
+    pub(crate) fn into_tensors<B: Backend>(self, device: &B::Device) -> Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
+        let shape = [self.batch, self.kv_heads, self.len, self.head_dim];
+        let (len, cap, d) = (self.len, self.cap, self.head_dim);
+        let tensor = |buf: &[f32]| {
+            let data: Vec<f32> = buf.chunks_exact(cap * d).flat_map(|c| c[..len * d].iter().copied()).collect();
+            Tensor::<B, 4>::from_data(TensorData::new(data, shape), (device, DType::F32))
+        };
+        self.layers.iter().map(|(k, v)| (len > 0).then(|| (tensor(k), tensor(v)))).collect()
+    }
+
+    /// Room for `positions` positions, doubling the capacity: copies stay amortised O(1) per token.
+    fn reserve(&mut self, positions: usize) {
+        if positions <= self.cap {
+            return;
+        }
+        let cap = positions.max(2 * self.cap).max(64);
+        let (old, d, rows) = (self.cap, self.head_dim, self.batch * self.kv_heads);
+        let len = self.len;
+        let regrow = |buf: &mut Vec<f32>| {
+            let mut grown = vec![0.0; rows * cap * d];
+            for r in 0..rows {
+                grown[r * cap * d..][..len * d].copy_from_slice(&buf[r * old * d..][..len * d]);
+            }
+            *buf = grown;
+        };
+        for (k, v) in &mut self.layers {
+            regrow(k);
+            regrow(v);
+        }
+        self.cap = cap;
+    }
+
+    /// Writes position `self.len` of `layer` from `k` and `v` `[batch, kv_heads * head_dim]`.
+    fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let (d, cap, pos) = (self.head_dim, self.cap, self.len);
+        let (keys, values) = &mut self.layers[layer];
+        for (r, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+            keys[(r * cap + pos) * d..][..d].copy_from_slice(kr);
+            values[(r * cap + pos) * d..][..d].copy_from_slice(vr);
+        }
+    }
+}
+
+impl HostModel {
+    /// Logits `[batch, vocab]` of one new token per sequence; appends its keys and values to `kv`.
+    /// The products and attention are split between the threads of `team`.
+    pub(crate) fn step(&self, inputs: &Inputs, kv: &mut HostKv, team: &Team) -> Vec<f32> {
+        let (b, hid, d) = (inputs.batch, self.hidden, self.head_dim);
+        let (nq, nkv) = (self.heads * d, self.kv_heads * d);
+        assert!(inputs.len == 1 && inputs.past == kv.len && kv.batch == b, "not a decoding step for this cache");
+        let s = kv.len + 1;
+        kv.reserve(s);
+        let mut x: Vec<f32> = inputs.ids.iter().flat_map(|&id| self.embed[id as usize * hid..][..hid].iter().copied()).collect();
+        let (cos, sin) = rope_angles(&inputs.positions, self.rope_theta, d);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = &layer.proj;
+            let xn = rms_norm(&x, &layer.input_norm, self.eps);
+            let qkv = p.qkv.apply_split(&xn, b, team);
+            let column = |from: usize, width: usize| -> Vec<f32> {
+                qkv.chunks_exact(nq + 2 * nkv).flat_map(|row| row[from..from + width].iter().copied()).collect()
+            };
+            let (mut q, mut k, v) = (column(0, nq), column(nq, nkv), column(nq + nkv, nkv));
+            rotate(&mut q, &cos, &sin, d, scale);
+            rotate(&mut k, &cos, &sin, d, 1.0);
+            kv.write(l, &k, &v);
+            let kv = &*kv;
+            let attn = split_rows(team, b, |rows| self.attend(l, &q, kv, &inputs.key_mask, s, rows));
+            add(&mut x, &p.o.apply_split(&attn, b, team));
+            let xn = rms_norm(&x, &layer.post_norm, self.eps);
+            let gate_up = p.gate_up.apply_split(&xn, b, team);
+            let inter = gate_up.len() / b / 2;
+            let act = split_rows(team, b, |rows| {
+                gate_up[rows.start * 2 * inter..rows.end * 2 * inter]
+                    .chunks_exact(2 * inter)
+                    .flat_map(|row| row[..inter].iter().zip(&row[inter..]).map(|(g, u)| g / (1.0 + (-g).exp()) * u))
+                    .collect()
+            });
+            add(&mut x, &p.down.apply_split(&act, b, team));
+        }
+        kv.len = s;
+        self.head.apply_split(&rms_norm(&x, &self.norm, self.eps), b, team)
+    }
+
+    /// Attention of the (scaled, rotated) queries `q` `[batch, heads * head_dim]` over the `s`
+    /// cached positions of `layer`; `key_mask` `[batch, s]`. Masked keys get weight 0, which is
+    /// what their [`MASKED`] bias gives in the full forward pass; a row without any real key
+    /// gets uniform weights, as there.
+    /// Only the sequences `rows`; returns `[rows.len(), heads * head_dim]`.
+    fn attend(&self, layer: usize, q: &[f32], kv: &HostKv, key_mask: &[bool], s: usize, rows: Range<usize>) -> Vec<f32> {
+        let (d, cap, rep, width) = (self.head_dim, kv.cap, self.heads / self.kv_heads, self.heads * self.head_dim);
+        let (keys, values) = &kv.layers[layer];
+        let mut out = vec![0.0f32; rows.len() * width];
+        let mut weights = vec![0.0f32; s];
+        for (i, row) in rows.enumerate() {
+            let mask = &key_mask[row * s..][..s];
+            for head in 0..self.heads {
+                let group = (row * self.kv_heads + head / rep) * cap * d;
+                let (qh, oh) = (&q[row * width + head * d..][..d], &mut out[i * width + head * d..][..d]);
+                // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
+                unsafe { attend_head(qh, &keys[group..group + s * d], &values[group..group + s * d], mask, &mut weights, oh) };
+            }
+        }
+        out
+    }
+}
+
+/// One query head over its keys and values `[s][d]`, into `out` `[d]` (zero on entry); compiled
+/// for AVX-512 so that LLVM vectorises the dot products and the weighted sum.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn attend_head(q: &[f32], keys: &[f32], values: &[f32], mask: &[bool], weights: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    let uniform = !mask.contains(&true);
+    let mut max = f32::NEG_INFINITY;
+    for ((w, k), &real) in weights.iter_mut().zip(keys.chunks_exact(d)).zip(mask) {
+        *w = if uniform { dot(q, k) + MASKED } else if real { dot(q, k) } else { f32::NEG_INFINITY };
+        max = max.max(*w);
+    }
+    let mut total = 0.0;
+    for w in weights.iter_mut() {
+        *w = (*w - max).exp();
+        total += *w;
+    }
+    for (w, v) in weights.iter().zip(values.chunks_exact(d)) {
+        if *w != 0.0 {
+            let p = w / total;
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+/// `f(rows)` for the rows `0..n` split between the threads of `team`, each part `[rows][..]`,
+/// concatenated in row order.
+fn split_rows(team: &Team, n: usize, f: impl Fn(Range<usize>) -> Vec<f32> + Sync) -> Vec<f32> {
+    let parts = team.parts().min(n).max(1);
+    if parts == 1 {
+        return f(0..n);
+    }
+    let outs: Vec<Mutex<Vec<f32>>> = (0..parts).map(|_| Mutex::new(vec![])).collect();
+    team.run(&|p| {
+        if p < parts {
+            *outs[p].lock().unwrap_or_else(|e| e.into_inner()) = f(p * n / parts..(p + 1) * n / parts);
+        }
+    });
+    outs.into_iter().flat_map(|o| o.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
+}
+
+/// `x / sqrt(mean(x²) + eps) * gamma` over rows of `gamma.len()`, as burn's `RmsNorm`.
+fn rms_norm(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let n = gamma.len();
+    let mut y = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(n) {
+        let rms = (row.iter().map(|v| v * v).sum::<f32>() / n as f32 + eps).sqrt();
+        y.extend(row.iter().zip(gamma).map(|(v, g)| v / rms * g));
+    }
+    y
+}
+
+/// Rotate-half RoPE in place on rows `[heads * d]` (one row per sequence, angles per row),
+/// times `scale`: `x * cos + rotate_half(x) * sin`.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, scale: f32) {
+    let rows = cos.len() / d;
+    let per_row = x.len() / rows;
+    let half = d / 2;
+    for (r, row) in x.chunks_exact_mut(per_row).enumerate() {
+        let (c, s) = (&cos[r * d..][..d], &sin[r * d..][..d]);
+        for h in row.chunks_exact_mut(d) {
+            let (x1, x2) = h.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * (c[i] * scale) + -b * (s[i] * scale);
+                x2[i] = b * (c[half + i] * scale) + a * (s[half + i] * scale);
+            }
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Dot product with 16 independent partial sums (vectorised by LLVM).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += xa[i] * xb[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
