@@ -237,41 +237,51 @@ impl HostModel {
         let (d, cap, rep, width) = (self.head_dim, kv.cap, self.heads / self.kv_heads, self.heads * self.head_dim);
         let (keys, values) = &kv.layers[layer];
         let mut out = vec![0.0f32; rows.len() * width];
-        let mut weights = vec![0.0f32; s];
+        let mut weights = vec![0.0f32; rep * s];
         for (i, row) in rows.enumerate() {
             let mask = &key_mask[row * s..][..s];
-            for head in 0..self.heads {
-                let group = (row * self.kv_heads + head / rep) * cap * d;
-                let (qh, oh) = (&q[row * width + head * d..][..d], &mut out[i * width + head * d..][..d]);
+            for g in 0..self.kv_heads {
+                let at = (row * self.kv_heads + g) * cap * d;
+                let heads = g * rep * d..(g + 1) * rep * d;
+                let (qg, og) = (&q[row * width..][heads.clone()], &mut out[i * width..][heads]);
                 // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
-                unsafe { attend_head(qh, &keys[group..group + s * d], &values[group..group + s * d], mask, &mut weights, oh) };
+                unsafe { attend_group(qg, &keys[at..at + s * d], &values[at..at + s * d], mask, &mut weights, og) };
             }
         }
         out
     }
 }
 
-/// One query head over its keys and values `[s][d]`, into `out` `[d]` (zero on entry); compiled
-/// for AVX-512 so that LLVM vectorises the dot products and the weighted sum.
+/// The query heads `q` `[rep][d]` that share one kv head over its keys and values `[s][d]`,
+/// into `out` `[rep][d]` (zero on entry). Each key and value is read once for the `rep` heads;
+/// compiled for AVX-512 so that LLVM vectorises the dot products and the weighted sums.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
-unsafe fn attend_head(q: &[f32], keys: &[f32], values: &[f32], mask: &[bool], weights: &mut [f32], out: &mut [f32]) {
-    let d = q.len();
+unsafe fn attend_group(q: &[f32], keys: &[f32], values: &[f32], mask: &[bool], weights: &mut [f32], out: &mut [f32]) {
+    let (s, rep) = (mask.len(), weights.len() / mask.len());
+    let d = q.len() / rep;
     let uniform = !mask.contains(&true);
-    let mut max = f32::NEG_INFINITY;
-    for ((w, k), &real) in weights.iter_mut().zip(keys.chunks_exact(d)).zip(mask) {
-        *w = if uniform { dot(q, k) + MASKED } else if real { dot(q, k) } else { f32::NEG_INFINITY };
-        max = max.max(*w);
+    // weights[h * s + j]: scores, then exp(score - max)
+    for (j, (k, &real)) in keys.chunks_exact(d).zip(mask).enumerate() {
+        for (h, qh) in q.chunks_exact(d).enumerate() {
+            weights[h * s + j] = if uniform { dot(qh, k) + MASKED } else if real { dot(qh, k) } else { f32::NEG_INFINITY };
+        }
     }
-    let mut total = 0.0;
-    for w in weights.iter_mut() {
-        *w = (*w - max).exp();
-        total += *w;
+    let mut totals = vec![0.0f32; rep];
+    for (w, total) in weights.chunks_exact_mut(s).zip(&mut totals) {
+        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for x in w.iter_mut() {
+            *x = (*x - max).exp();
+            *total += *x;
+        }
     }
-    for (w, v) in weights.iter().zip(values.chunks_exact(d)) {
-        if *w != 0.0 {
-            let p = w / total;
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += p * x;
+    for (j, v) in values.chunks_exact(d).enumerate() {
+        for (h, oh) in out.chunks_exact_mut(d).enumerate() {
+            let w = weights[h * s + j];
+            if w != 0.0 {
+                let p = w / totals[h];
+                for (o, x) in oh.iter_mut().zip(v) {
+                    *o += p * x;
+                }
             }
         }
     }
@@ -329,7 +339,7 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Dot product with 16 independent partial sums (vectorised by LLVM).
+/// Dot product with 16 independent partial sums (vectorised by LLVM), summed pairwise.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
@@ -340,5 +350,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += xa[i] * xb[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    // pairwise: a chain of 16 dependent adds cost more than the products
+    let mut half = 8;
+    while half > 0 {
+        for i in 0..half {
+            acc[i] += acc[i + half];
+        }
+        half /= 2;
+    }
+    acc[0] + tail
 }

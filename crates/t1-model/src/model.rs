@@ -97,6 +97,39 @@ impl<B: Backend> KvCache<B> {
         self
     }
 
+    /// The caches of batch shards (same length, e.g. prefilled on separate threads) as one
+    /// cache of their rows in order; no decode weights. Host-side caches are brought back to
+    /// tensors first.
+    pub fn cat(caches: Vec<KvCache<B>>) -> Self {
+        let n = caches.first().map_or(0, |c| c.layers.len());
+        let mut per_layer: Vec<Vec<(Tensor<B, 4>, Tensor<B, 4>)>> = vec![vec![]; n];
+        for mut c in caches {
+            assert_eq!(c.layers.len(), n, "caches of models with different layer counts");
+            // host-side caches exist only on burn-flex, whose one device is the default
+            c.to_tensors(&Default::default());
+            for (slot, layer) in c.layers.into_iter().zip(&mut per_layer) {
+                layer.extend(slot);
+            }
+        }
+        let layers = per_layer
+            .into_iter()
+            .map(|kv| {
+                (!kv.is_empty()).then(|| {
+                    let (k, v): (Vec<_>, Vec<_>) = kv.into_iter().unzip();
+                    (Tensor::cat(k, 0), Tensor::cat(v, 0))
+                })
+            })
+            .collect();
+        Self { layers, ..Self::new(0) }
+    }
+
+    /// Moves a host-side cache back into tensors (for a forward call through burn).
+    fn to_tensors(&mut self, device: &B::Device) {
+        if let Some(kv) = self.host.take() {
+            self.layers = kv.into_tensors(device);
+        }
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         if let Some(host) = &self.host {
@@ -279,9 +312,7 @@ impl<B: Backend> Qwen2<B> {
         let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
 
         if let Some(c) = cache.as_deref_mut() {
-            if let Some(kv) = c.host.take() {
-                c.layers = kv.into_tensors(&device);
-            }
+            c.to_tensors(&device);
         }
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {

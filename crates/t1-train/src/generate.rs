@@ -105,10 +105,9 @@ fn generate_with<B: Backend>(
     }
     let mut key_mask: Vec<Vec<bool>> = mask.chunks(width).map(|c| c.to_vec()).collect();
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights).with_threads(threads);
     let vocab = model.vocab_size();
-    let logits = model.forward(&Inputs::new(b, width, ids, mask), Some(&mut cache));
-    let mut last = last_logits(logits, vocab);
+    let (mut last, cache) = prefill(model, b, width, ids, mask, threads);
+    let mut cache = cache.with_decode_weights(weights).with_threads(threads);
 
     let mut out: Vec<Rollout> = (0..b).map(|_| Rollout { tokens: vec![], logprobs: vec![], truncated: false }).collect();
     let mut done = vec![false; b];
@@ -143,6 +142,35 @@ fn generate_with<B: Backend>(
         r.truncated = !d;
     }
     out
+}
+
+/// The prompts `ids` `[b, width]` (left-padded, `mask`) through the model: the last logits of
+/// every row `[b * vocab]` and the KV cache. With `threads > 1` the rows are cut into shards
+/// prefilled on their own threads (burn-flex runs element-wise ops on one thread) and the caches
+/// joined.
+fn prefill<B: Backend>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, mask: Vec<bool>, threads: usize) -> (Vec<f32>, KvCache<B>) {
+    let vocab = model.vocab_size();
+    let run = |m: &Qwen2<B>, rows: Range<usize>| {
+        let mut cache = KvCache::new(m.num_layers());
+        let (ids, mask) = (ids[rows.start * width..rows.end * width].to_vec(), mask[rows.start * width..rows.end * width].to_vec());
+        let logits = m.forward(&Inputs::new(rows.len(), width, ids, mask), Some(&mut cache));
+        (last_logits(logits, vocab), cache)
+    };
+    if threads <= 1 || b < 2 {
+        return run(model, 0..b);
+    }
+    let parts: Vec<(Vec<f32>, KvCache<B>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = crate::parallel::split_even(b, threads)
+            .into_iter()
+            .map(|rows| {
+                let m = model.clone();
+                scope.spawn(move || run(&m, rows))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    let (lasts, caches): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    (lasts.concat(), KvCache::cat(caches))
 }
 
 /// [`generate`] with the batch cut into `threads` shards, each decoded on its own thread from
@@ -214,11 +242,26 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> (u3
     let t = if cfg.temperature > 0.0 { cfg.temperature } else { 1.0 };
     let scaled: Vec<f32> = logits.iter().map(|l| l / t).collect();
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max + scaled.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let exps: Vec<f32> = scaled.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    let log_z = max + sum.ln();
     let logprob = |i: usize| scaled[i] - log_z;
     if cfg.temperature == 0.0 {
         let best = argmax(&scaled);
         return (best as u32, logprob(best));
+    }
+    if cfg.top_k == 0 && cfg.top_p >= 1.0 {
+        // nothing cut: draw in vocabulary order, no sort
+        let mut u = rng.random::<f32>() * sum;
+        let mut last = argmax(&scaled);
+        for (i, e) in exps.iter().enumerate().filter(|(_, e)| **e > 0.0) {
+            u -= e;
+            last = i;
+            if u <= 0.0 {
+                break;
+            }
+        }
+        return (last as u32, logprob(last));
     }
     // candidates sorted by probability, cut by top-k then top-p
     let mut order = descending_order(&scaled);
@@ -295,6 +338,17 @@ mod tests {
         let n = 20000;
         let ones = (0..n).filter(|_| sample(&logits, &cfg, &mut rng).0 == 1).count();
         assert!((ones as f32 / n as f32 - 0.75).abs() < 0.02, "{ones}");
+        // nothing cut (the unsorted path): p = [0.1, 0.2, 0.3, 0.4], logprobs log p
+        let logits: Vec<f32> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|x| x.ln() + 5.0).collect();
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            let (tok, lp) = sample(&logits, &SamplingConfig::default(), &mut rng);
+            counts[tok as usize] += 1;
+            assert!((lp - ((tok + 1) as f32 / 10.0).ln()).abs() < 1e-5, "token {tok}: logprob {lp}");
+        }
+        for (i, c) in counts.iter().enumerate() {
+            assert!((*c as f32 / n as f32 - (i + 1) as f32 / 10.0).abs() < 0.015, "{counts:?}");
+        }
     }
 
     #[test]
