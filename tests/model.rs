@@ -126,6 +126,35 @@ fn host_decoding_matches_decoding_through_burn() {
     }
 }
 
+/// A bf16 model decodes on the host with its projections kept in bf16 and f32 activations: the
+/// logits of the same weights held in f32 and decoded through burn, step by step from an empty
+/// cache.
+#[test]
+fn host_decoding_of_a_bf16_model_computes_in_f32_from_its_bf16_weights() {
+    let device = Default::default();
+    let (_, bf16) = t1_model::load::<FlexInner>(&fixture("qwen2-bf16"), WeightDtype::Bf16, &device).unwrap();
+    let (_, f32_model) = t1_model::load::<FlexInner>(&fixture("qwen2-bf16"), WeightDtype::F32, &device).unwrap();
+    let Some(weights) = bf16.decode_weights() else {
+        println!("no AVX-512 on this CPU: host decoding is not used here");
+        return;
+    };
+    let (b, steps, vocab) = (2, 12, bf16.vocab_size());
+    let mut host = KvCache::new(bf16.num_layers()).with_decode_weights(Some(weights)).with_threads(2);
+    let mut reference = KvCache::new(f32_model.num_layers());
+    for step in 0..steps {
+        let ids: Vec<i64> = (0..b).map(|row| ((row * 17 + step * 5) % (vocab - 1) + 1) as i64).collect();
+        let inputs = Inputs::step(ids, vec![step as i64; b], vec![true; b * (step + 1)]);
+        let got = bf16.forward(&inputs, Some(&mut host));
+        assert_eq!(got.dtype(), burn::tensor::DType::F32);
+        let diff = max_abs_diff(&to_vec(got), &to_vec(f32_model.forward(&inputs, Some(&mut reference))));
+        assert!(diff < 1e-5, "step {step}: max |logit diff| {diff}");
+    }
+    // back to burn (two tokens at once): the cache returns to the model's dtype
+    let s = steps;
+    let inputs = Inputs { batch: b, len: 2, past: s, ids: vec![3; 2 * b], positions: (0..b).flat_map(|_| [s as i64, s as i64 + 1]).collect(), key_mask: vec![true; b * (s + 2)] };
+    assert_eq!(bf16.forward(&inputs, Some(&mut host)).dims(), [b, 2, vocab]);
+}
+
 /// `generate_sharded` on the host decodes the whole batch at once, each shard's rows drawn from
 /// the shard's stream: the same tokens as decoding each shard on its own with that stream.
 #[test]

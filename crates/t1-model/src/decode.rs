@@ -30,19 +30,25 @@ pub struct DecodeWeights(pub(crate) Arc<HostModel>);
 
 impl<B: Backend> crate::Qwen2<B> {
     /// The weights for fast decoding on the host ([`KvCache::with_decode_weights`]) when the
-    /// model runs on burn-flex in f32 on a CPU with AVX-512; `None` elsewhere (GPU backends,
-    /// bf16, other CPUs), where decoding goes through burn's tensors as before.
+    /// model runs on burn-flex in f32 or bf16 on a CPU with AVX-512; `None` elsewhere (GPU
+    /// backends, f16, other CPUs), where decoding goes through burn's tensors as before.
+    /// bf16 projection weights stay bf16 (half the bytes to read); activations are f32.
     ///
     /// [`KvCache::with_decode_weights`]: crate::KvCache::with_decode_weights
     pub fn decode_weights(&self) -> Option<DecodeWeights> {
-        if B::name(&self.device()) != "flex" || self.dtype() != DType::F32 || !available() {
+        let bf16 = match self.dtype() {
+            DType::F32 => false,
+            DType::BF16 => true,
+            _ => return None,
+        };
+        if B::name(&self.device()) != "flex" || !available() {
             return None;
         }
         let first = &self.layers.first()?.self_attn;
         let (hidden, vocab) = (self.embed_tokens.weight.dims()[1], self.vocab_size());
         let embed = host(self.embed_tokens.weight.val());
         let head = match &self.lm_head {
-            Some(head) => PackedLinear::from_linear(head),
+            Some(head) => PackedLinear::from_linear(head, bf16),
             None => {
                 let mut transposed = vec![0.0; embed.len()];
                 for (v, row) in embed.chunks_exact(hidden).enumerate() {
@@ -50,7 +56,7 @@ impl<B: Backend> crate::Qwen2<B> {
                         transposed[h * vocab + v] = *x;
                     }
                 }
-                PackedLinear::new(&transposed, hidden, vocab, None)
+                PackedLinear::new(&transposed, hidden, vocab, None, bf16)
             }
         };
         let layers = self
@@ -60,10 +66,10 @@ impl<B: Backend> crate::Qwen2<B> {
                 input_norm: host(l.input_layernorm.gamma.val()),
                 post_norm: host(l.post_attention_layernorm.gamma.val()),
                 proj: PackedLayer {
-                    qkv: PackedLinear::concat(&[&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj]),
-                    o: PackedLinear::from_linear(&l.self_attn.o_proj),
-                    gate_up: PackedLinear::concat(&[&l.mlp.gate_proj, &l.mlp.up_proj]),
-                    down: PackedLinear::from_linear(&l.mlp.down_proj),
+                    qkv: PackedLinear::concat(&[&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj], bf16),
+                    o: PackedLinear::from_linear(&l.self_attn.o_proj, bf16),
+                    gate_up: PackedLinear::concat(&[&l.mlp.gate_proj, &l.mlp.up_proj], bf16),
+                    down: PackedLinear::from_linear(&l.mlp.down_proj, bf16),
                 },
             })
             .collect();
@@ -115,6 +121,8 @@ pub(crate) struct HostKv {
     pub(crate) len: usize,
     cap: usize,
     layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The model's dtype, which the keys and values get back in [`Self::into_tensors`].
+    dtype: DType,
 }
 
 impl HostKv {
@@ -125,6 +133,7 @@ impl HostKv {
         batch: usize,
         kv_heads: usize,
         head_dim: usize,
+        dtype: DType,
     ) -> Self {
         let len = slots.first().and_then(|s| s.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
         let host = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 cache");
@@ -138,7 +147,7 @@ impl HostKv {
                 None => (vec![], vec![]),
             })
             .collect();
-        let mut kv = Self { batch, kv_heads, head_dim, len, cap: len, layers };
+        let mut kv = Self { batch, kv_heads, head_dim, len, cap: len, layers, dtype };
         kv.reserve(len + 1);
         kv
     }
@@ -149,7 +158,7 @@ impl HostKv {
         let (len, cap, d) = (self.len, self.cap, self.head_dim);
         let tensor = |buf: &[f32]| {
             let data: Vec<f32> = buf.chunks_exact(cap * d).flat_map(|c| c[..len * d].iter().copied()).collect();
-            Tensor::<B, 4>::from_data(TensorData::new(data, shape), (device, DType::F32))
+            Tensor::<B, 4>::from_data(TensorData::new(data, shape), (device, DType::F32)).cast(self.dtype)
         };
         self.layers.iter().map(|(k, v)| (len > 0).then(|| (tensor(k), tensor(v)))).collect()
     }

@@ -278,7 +278,9 @@ impl<B: Backend> Qwen2<B> {
         self.embed_tokens.weight.device()
     }
 
-    /// Logits of every new position.
+    /// Logits of every new position, in the model's dtype; a host decoding step (a cache with
+    /// [`KvCache::with_decode_weights`], one token per sequence) computes and returns them in
+    /// f32, also for a bf16 model.
     ///
     /// # Shapes
     /// - returns `[batch, len, vocab_size]`
@@ -288,7 +290,7 @@ impl<B: Backend> Qwen2<B> {
             Some(c) if inputs.len == 1 && inputs.batch <= MAX_ROWS && c.packed.is_some() => {
                 let weights = c.packed.clone().expect("checked");
                 let (kv_heads, head_dim) = (weights.0.kv_heads, weights.0.head_dim);
-                let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim));
+                let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim, self.dtype()));
                 let team = c.team.get_or_insert_with(|| Arc::new(Team::new(c.threads)));
                 let logits = weights.0.step(inputs, kv, team);
                 let data = TensorData::new(logits, [inputs.batch, 1, self.vocab_size()]);

@@ -32,13 +32,21 @@ pub(crate) struct PackedLinear {
     k: usize,
     n: usize,
     /// `[ceil(n / NT)][k][NT]`, zero past column `n`.
-    panels: Vec<f32>,
+    panels: Panels,
     bias: Option<Vec<f32>>,
 }
 
+/// Weights as the model holds them: f32, or bf16 (bits), widened to f32 in the kernel — half
+/// the bytes to read per step.
+#[derive(Debug)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
 impl PackedLinear {
-    /// Packs `w` (`[k, n]`, row-major).
-    pub(crate) fn new(w: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> Self {
+    /// Packs `w` (`[k, n]`, row-major), as bf16 if `bf16` (exact for weights that are bf16).
+    pub(crate) fn new(w: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>, bf16: bool) -> Self {
         assert_eq!(w.len(), k * n, "weight of {} values is not [{k}, {n}]", w.len());
         if let Some(b) = &bias {
             assert_eq!(b.len(), n, "bias of {} values for {n} outputs", b.len());
@@ -52,16 +60,25 @@ impl PackedLinear {
                 panels[dst..dst + cols].copy_from_slice(&w[kk * n + jb * NT..kk * n + jb * NT + cols]);
             }
         }
+        let panels = if bf16 { Panels::Bf16(panels.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect()) } else { Panels::F32(panels) };
         Self { k, n, panels, bias }
     }
 
-    pub(crate) fn from_linear<B: Backend>(linear: &Linear<B>) -> Self {
-        Self::concat(&[linear])
+    #[cfg(test)]
+    fn f32_panels(&self) -> &[f32] {
+        match &self.panels {
+            Panels::F32(p) => p,
+            Panels::Bf16(_) => panic!("bf16 panels"),
+        }
+    }
+
+    pub(crate) fn from_linear<B: Backend>(linear: &Linear<B>, bf16: bool) -> Self {
+        Self::concat(&[linear], bf16)
     }
 
     /// The `Linear`s of one input side by side (`[in, out₁ + out₂ + …]`): one product for
     /// q/k/v, one for gate/up. A missing bias counts as zeros.
-    pub(crate) fn concat<B: Backend>(linears: &[&Linear<B>]) -> Self {
+    pub(crate) fn concat<B: Backend>(linears: &[&Linear<B>], bf16: bool) -> Self {
         let k = linears[0].weight.dims()[0];
         let outs: Vec<usize> = linears.iter().map(|l| l.weight.dims()[1]).collect();
         let n: usize = outs.iter().sum();
@@ -78,7 +95,7 @@ impl PackedLinear {
             }
             col += out;
         }
-        Self::new(&w, k, n, bias)
+        Self::new(&w, k, n, bias, bf16)
     }
 
     /// `x` `[m, k]` (row-major) → `[m, n]`. Only on a CPU with AVX-512 ([`available`]).
@@ -135,13 +152,16 @@ impl PackedLinear {
         let mut y = vec![0.0f32; m * width];
         let mut acc = [[0.0f32; NT]; MR];
         for jb in range {
-            let panel = &self.panels[jb * k * NT..][..k * NT];
             let (col, cols) = (jb * NT - start, (n - jb * NT).min(NT));
             for b in 0..m.div_ceil(MR) {
+                let rows = &xt[b * k * MR..(b + 1) * k * MR];
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `apply_split` checked the CPU (`available()`).
                 unsafe {
-                    avx512::panel_product(&xt[b * k * MR..(b + 1) * k * MR], panel, &mut acc)
+                    match &self.panels {
+                        Panels::F32(p) => avx512::panel_product(rows, &p[jb * k * NT..][..k * NT], &mut acc),
+                        Panels::Bf16(p) => avx512::panel_product_bf16(rows, &p[jb * k * NT..][..k * NT], &mut acc),
+                    }
                 };
                 for (r, acc_row) in acc.iter().enumerate().take((m - b * MR).min(MR)) {
                     let out = &mut y[(b * MR + r) * width + col..][..cols];
@@ -206,6 +226,36 @@ mod avx512 {
             _mm512_storeu_ps(row.as_mut_ptr().add(16), a[2 * r + 1]);
         }
     }
+
+    /// [`panel_product`] with the panel in bf16: each weight widened to f32 (shifted into the
+    /// high half), then the same f32 multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn panel_product_bf16(xt: &[f32], panel: &[u16], acc: &mut [[f32; NT]; MR]) {
+        /// Panel rows fetched ahead (each 64 bytes).
+        const AHEAD: usize = 128;
+        let k = panel.len() / NT;
+        assert!(xt.len() == k * MR && panel.len() == k * NT, "panel and rows disagree");
+        let widen = |p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))));
+        let mut a = [_mm512_setzero_ps(); 2 * MR];
+        let (mut xp, mut wp) = (xt.as_ptr(), panel.as_ptr());
+        for kk in 0..k {
+            if kk + AHEAD < k {
+                _mm_prefetch::<_MM_HINT_T0>(wp.add(AHEAD * NT) as *const i8);
+            }
+            let (w0, w1) = (widen(wp), widen(wp.add(16)));
+            for r in 0..MR {
+                let x = _mm512_set1_ps(*xp.add(r));
+                a[2 * r] = _mm512_fmadd_ps(x, w0, a[2 * r]);
+                a[2 * r + 1] = _mm512_fmadd_ps(x, w1, a[2 * r + 1]);
+            }
+            xp = xp.add(MR);
+            wp = wp.add(NT);
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            _mm512_storeu_ps(row.as_mut_ptr(), a[2 * r]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), a[2 * r + 1]);
+        }
+    }
 }
 
 pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -248,9 +298,11 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
-            for b in [None, Some(bias.clone())] {
-                let want = naive(&x, m, k, &w, n, b.as_deref());
-                let packed = PackedLinear::new(&w, k, n, b);
+            // bf16 panels: the same products of the weights rounded to bf16
+            let w16: Vec<f32> = w.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+            for (b, bf16) in [(None, false), (Some(bias.clone()), false), (Some(bias.clone()), true)] {
+                let want = naive(&x, m, k, if bf16 { &w16 } else { &w }, n, b.as_deref());
+                let packed = PackedLinear::new(if bf16 { &w16 } else { &w }, k, n, b, bf16);
                 if !available() {
                     eprintln!("no AVX-512 on this CPU: the packed projections are not used here");
                     return;
@@ -279,7 +331,7 @@ mod speed {
         // the 18M benchmark model: 6 layers of qkv 512→768, o 512→512, gate_up 512→2816, down 1408→512
         let shapes = [(512, 768), (512, 512), (512, 2816), (1408, 512)];
         let layers: Vec<Vec<PackedLinear>> = (0..6)
-            .map(|_| shapes.iter().map(|&(k, n)| PackedLinear::new(&vec![0.01; k * n], k, n, None)).collect())
+            .map(|_| shapes.iter().map(|&(k, n)| PackedLinear::new(&vec![0.01; k * n], k, n, None, false)).collect())
             .collect();
         let flops_per_row: usize = 6 * shapes.iter().map(|&(k, n)| 2 * k * n).sum::<usize>();
         let run = |rows: usize, range: Option<(usize, usize)>| {
@@ -291,7 +343,7 @@ mod speed {
                     let (a, b) = range.map_or((0, panels), |(i, n)| (i * panels / n, (i + 1) * panels / n));
                     for jb in a..b {
                         for blk in 0..rows.div_ceil(MR) {
-                            unsafe { avx512::panel_product(&xt[blk * p.k * MR..(blk + 1) * p.k * MR], &p.panels[jb * p.k * NT..][..p.k * NT], &mut acc) };
+                            unsafe { avx512::panel_product(&xt[blk * p.k * MR..(blk + 1) * p.k * MR], &p.f32_panels()[jb * p.k * NT..][..p.k * NT], &mut acc) };
                         }
                     }
                 }
@@ -307,13 +359,13 @@ mod speed {
             let ms = t.elapsed().as_secs_f64() * 1000.0 / 20.0;
             println!("{label}: {ms:.2} ms per step, {:.0} GFLOP/s", (flops_per_row * rows_total) as f64 / ms / 1e6);
         };
-        let small = PackedLinear::new(&vec![0.01; 256 * 64], 256, 64, None);
+        let small = PackedLinear::new(&vec![0.01; 256 * 64], 256, 64, None, false);
         let hot = || {
             let mut acc = [[0.0f32; NT]; MR];
             let xt = vec![0.5f32; 256 * MR];
             for _ in 0..100_000 {
                 for jb in 0..2 {
-                    unsafe { avx512::panel_product(&xt, &small.panels[jb * 256 * NT..][..256 * NT], &mut acc) };
+                    unsafe { avx512::panel_product(&xt, &small.f32_panels()[jb * 256 * NT..][..256 * NT], &mut acc) };
                 }
             }
             std::hint::black_box(acc);
@@ -338,5 +390,24 @@ mod speed {
             s.spawn(|| run(16, Some((1, 2))));
             run(16, Some((0, 2)));
         }));
+        let layers16: Vec<Vec<PackedLinear>> = (0..6)
+            .map(|_| shapes.iter().map(|&(k, n)| PackedLinear::new(&vec![0.01; k * n], k, n, None, true)).collect())
+            .collect();
+        let team = Team::new(2);
+        let x16 = vec![0.5f32; 16 * 1408];
+        time("team of 2, 16 rows, f32 (apply_split)", 16, &|| {
+            for l in &layers {
+                for p in l {
+                    std::hint::black_box(p.apply_split(&x16[..16 * p.k], 16, &team));
+                }
+            }
+        });
+        time("team of 2, 16 rows, bf16 (apply_split)", 16, &|| {
+            for l in &layers16 {
+                for p in l {
+                    std::hint::black_box(p.apply_split(&x16[..16 * p.k], 16, &team));
+                }
+            }
+        });
     }
 }
