@@ -200,49 +200,35 @@ mod avx512 {
     /// multiply-adds; 8 rows × 32 columns in 16 registers.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn panel_product(xt: &[f32], panel: &[f32], acc: &mut [[f32; NT]; MR]) {
-        /// Panel rows fetched ahead (each 128 bytes).
-        const AHEAD: usize = 64;
-        let k = panel.len() / NT;
-        assert!(xt.len() == k * MR && panel.len() == k * NT, "panel and rows disagree");
-        let mut a = [_mm512_setzero_ps(); 2 * MR];
-        let (mut xp, mut wp) = (xt.as_ptr(), panel.as_ptr());
-        for kk in 0..k {
-            if kk + AHEAD < k {
-                _mm_prefetch::<_MM_HINT_T0>(wp.add(AHEAD * NT) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(wp.add(AHEAD * NT + 16) as *const i8);
-            }
-            let w0 = _mm512_loadu_ps(wp);
-            let w1 = _mm512_loadu_ps(wp.add(16));
-            for r in 0..MR {
-                let x = _mm512_set1_ps(*xp.add(r));
-                a[2 * r] = _mm512_fmadd_ps(x, w0, a[2 * r]);
-                a[2 * r + 1] = _mm512_fmadd_ps(x, w1, a[2 * r + 1]);
-            }
-            xp = xp.add(MR);
-            wp = wp.add(NT);
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            _mm512_storeu_ps(row.as_mut_ptr(), a[2 * r]);
-            _mm512_storeu_ps(row.as_mut_ptr().add(16), a[2 * r + 1]);
-        }
+        // 64 panel rows of 128 bytes ahead
+        panel_loop(xt, panel, acc, 64, |p| (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))))
     }
 
     /// [`panel_product`] with the panel in bf16: each weight widened to f32 (shifted into the
     /// high half), then the same f32 multiply-adds.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn panel_product_bf16(xt: &[f32], panel: &[u16], acc: &mut [[f32; NT]; MR]) {
-        /// Panel rows fetched ahead (each 64 bytes).
-        const AHEAD: usize = 128;
+        let widen = |p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))));
+        // 128 panel rows of 64 bytes ahead
+        panel_loop(xt, panel, acc, 128, |p| (widen(p), widen(p.add(16))))
+    }
+
+    /// The loop of both: `load` gives the 32 weights of a panel row as f32; one prefetch per
+    /// 64 bytes, `ahead` rows ahead.
+    #[inline(always)]
+    unsafe fn panel_loop<T>(xt: &[f32], panel: &[T], acc: &mut [[f32; NT]; MR], ahead: usize, load: impl Fn(*const T) -> (__m512, __m512)) {
         let k = panel.len() / NT;
         assert!(xt.len() == k * MR && panel.len() == k * NT, "panel and rows disagree");
-        let widen = |p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))));
+        let lines = (NT * size_of::<T>()).div_ceil(64);
         let mut a = [_mm512_setzero_ps(); 2 * MR];
         let (mut xp, mut wp) = (xt.as_ptr(), panel.as_ptr());
         for kk in 0..k {
-            if kk + AHEAD < k {
-                _mm_prefetch::<_MM_HINT_T0>(wp.add(AHEAD * NT) as *const i8);
+            if kk + ahead < k {
+                for line in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T0>((wp.add(ahead * NT) as *const i8).add(64 * line));
+                }
             }
-            let (w0, w1) = (widen(wp), widen(wp.add(16)));
+            let (w0, w1) = load(wp);
             for r in 0..MR {
                 let x = _mm512_set1_ps(*xp.add(r));
                 a[2 * r] = _mm512_fmadd_ps(x, w0, a[2 * r]);
