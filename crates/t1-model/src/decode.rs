@@ -220,21 +220,20 @@ impl HostModel {
             rotate(&mut k, &cos, &sin, d, 1.0);
             kv.write(l, &k, &v);
             let kv = &*kv;
-            let attn = split_rows(team, b, |rows| self.attend(l, &q, kv, &inputs.key_mask, s, rows));
+            let attn = split_rows(team, b, nq, |rows, out| self.attend(l, &q, kv, &inputs.key_mask, s, rows, out));
             add(&mut x, &p.o.apply_split(&attn, b, team));
             let xn = rms_norm(&x, &layer.post_norm, self.eps);
             let gate_up = p.gate_up.apply_split(&xn, b, team);
             let inter = gate_up.len() / b / 2;
-            let act = split_rows(team, b, |rows| {
-                let mut act = Vec::with_capacity(rows.len() * inter);
-                for row in gate_up[rows.start * 2 * inter..rows.end * 2 * inter].chunks_exact(2 * inter) {
+            let act = split_rows(team, b, inter, |rows, out| {
+                let gate_up = &gate_up[rows.start * 2 * inter..rows.end * 2 * inter];
+                for (row, act) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
                     let (gate, up) = row.split_at(inter);
-                    let mut e: Vec<f32> = gate.iter().map(|g| -g).collect();
+                    act.iter_mut().zip(gate).for_each(|(a, g)| *a = -g);
                     // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
-                    unsafe { exp_in_place(&mut e) };
-                    act.extend(gate.iter().zip(up).zip(e).map(|((g, u), e)| g / (1.0 + e) * u));
+                    unsafe { exp_in_place(act) };
+                    act.iter_mut().zip(gate.iter().zip(up)).for_each(|(a, (g, u))| *a = g / (1.0 + *a) * u);
                 }
-                act
             });
             add(&mut x, &p.down.apply_split(&act, b, team));
         }
@@ -246,11 +245,11 @@ impl HostModel {
     /// cached positions of `layer`; `key_mask` `[batch, s]`. Masked keys get weight 0, which is
     /// what their [`MASKED`] bias gives in the full forward pass; a row without any real key
     /// gets uniform weights, as there.
-    /// Only the sequences `rows`; returns `[rows.len(), heads * head_dim]`.
-    fn attend(&self, layer: usize, q: &[f32], kv: &HostKv, key_mask: &[bool], s: usize, rows: Range<usize>) -> Vec<f32> {
+    /// Only the sequences `rows`, into `out` `[rows.len(), heads * head_dim]` (zeros).
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&self, layer: usize, q: &[f32], kv: &HostKv, key_mask: &[bool], s: usize, rows: Range<usize>, out: &mut [f32]) {
         let (d, cap, rep, width) = (self.head_dim, kv.cap, self.heads / self.kv_heads, self.heads * self.head_dim);
         let (keys, values) = &kv.layers[layer];
-        let mut out = vec![0.0f32; rows.len() * width];
         let mut weights = vec![0.0f32; rep * s];
         for (i, row) in rows.enumerate() {
             let mask = &key_mask[row * s..][..s];
@@ -262,7 +261,6 @@ impl HostModel {
                 unsafe { attend_group(qg, &keys[at..at + s * d], &values[at..at + s * d], mask, &mut weights, og) };
             }
         }
-        out
     }
 }
 
@@ -300,20 +298,30 @@ unsafe fn attend_group(q: &[f32], keys: &[f32], values: &[f32], mask: &[bool], w
     }
 }
 
-/// `f(rows)` for the rows `0..n` split between the threads of `team`, each part `[rows][..]`,
-/// concatenated in row order.
-fn split_rows(team: &Team, n: usize, f: impl Fn(Range<usize>) -> Vec<f32> + Sync) -> Vec<f32> {
+/// `[n, width]` zeros, filled by `f(rows, out)` for the rows `0..n` split between the threads
+/// of `team` (`out` the rows' part).
+fn split_rows(team: &Team, n: usize, width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * width];
     let parts = team.parts().min(n).max(1);
     if parts == 1 {
-        return f(0..n);
+        f(0..n, &mut out);
+        return out;
     }
-    let outs: Vec<Mutex<Vec<f32>>> = (0..parts).map(|_| Mutex::new(vec![])).collect();
+    let bounds: Vec<usize> = (0..=parts).map(|p| p * n / parts).collect();
+    let mut rest = out.as_mut_slice();
+    let mut chunks = Vec::with_capacity(parts);
+    for w in bounds.windows(2) {
+        let (mine, tail) = rest.split_at_mut((w[1] - w[0]) * width);
+        chunks.push(Mutex::new(mine));
+        rest = tail;
+    }
     team.run(&|p| {
         if p < parts {
-            *outs[p].lock().unwrap_or_else(|e| e.into_inner()) = f(p * n / parts..(p + 1) * n / parts);
+            f(bounds[p]..bounds[p + 1], &mut chunks[p].lock().unwrap_or_else(|e| e.into_inner()));
         }
     });
-    outs.into_iter().flat_map(|o| o.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
+    drop(chunks);
+    out
 }
 
 /// `x / sqrt(mean(x²) + eps) * gamma` over rows of `gamma.len()`, as burn's `RmsNorm`.

@@ -8,8 +8,6 @@
 //! software prefetch), and each panel is multiplied by up to 8 rows held in registers: 2× on
 //! the projections of the 18M benchmark model (BENCHMARKS.md).
 
-use std::sync::Mutex;
-
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -107,64 +105,50 @@ impl PackedLinear {
     /// `x` `[m, k]` → `[m, n]` with the column panels split between the threads of `team`:
     /// each weight is read once for all `m` rows. Only on a CPU with AVX-512 ([`available`]).
     pub(crate) fn apply_split(&self, x: &[f32], m: usize, team: &Team) -> Vec<f32> {
-        let (k, n) = (self.k, self.n);
-        assert_eq!(x.len(), m * k, "input of {} values is not [{m}, {k}]", x.len());
+        let n = self.n;
+        assert_eq!(x.len(), m * self.k, "input of {} values is not [{m}, {}]", x.len(), self.k);
         assert!(available(), "packed projections need AVX-512");
-        let blocks = m.div_ceil(MR);
-        // rows regrouped by MR and transposed, [blocks][k][MR], zero past row m: the MR values a
-        // step broadcasts are adjacent
-        let mut xt = vec![0.0f32; blocks * k * MR];
-        for row in 0..m {
-            let (b, r) = (row / MR, row % MR);
-            for kk in 0..k {
-                xt[(b * k + kk) * MR + r] = x[row * k + kk];
-            }
-        }
+        let mut y = vec![0.0f32; m * n];
         let panels = n.div_ceil(NT);
         let parts = team.parts().min(panels);
-        let ranges: Vec<_> = (0..parts).map(|i| i * panels / parts..(i + 1) * panels / parts).collect();
         if parts == 1 {
-            return self.columns(&xt, m, 0..panels);
+            // SAFETY: `y` is `[m, n]` and no one else writes to it.
+            unsafe { self.columns(x, m, 0..panels, Out(y.as_mut_ptr())) };
+            return y;
         }
-        // each part's columns as `[m][its columns]`, then gathered into rows
-        let outs: Vec<Mutex<Vec<f32>>> = ranges.iter().map(|_| Mutex::new(vec![])).collect();
+        let out = Out(y.as_mut_ptr());
         team.run(&|p| {
-            if let Some(r) = ranges.get(p) {
-                *outs[p].lock().unwrap_or_else(|e| e.into_inner()) = self.columns(&xt, m, r.clone());
+            if p < parts {
+                // SAFETY: `y` is `[m, n]`, outlives the run, and the parts write disjoint columns.
+                unsafe { self.columns(x, m, p * panels / parts..(p + 1) * panels / parts, out) };
             }
         });
-        let mut y = vec![0.0f32; m * n];
-        for (r, out) in ranges.iter().zip(outs) {
-            let (start, width) = (r.start * NT, (r.end * NT).min(n) - r.start * NT);
-            let out = out.into_inner().unwrap_or_else(|e| e.into_inner());
-            for (row, part) in out.chunks_exact(width).enumerate() {
-                y[row * n + start..][..width].copy_from_slice(part);
-            }
-        }
         y
     }
 
-    /// The columns of panels `range` for the rows `xt` (`[blocks][k][MR]`), as `[m][columns]`.
-    fn columns(&self, xt: &[f32], m: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    /// Writes the columns of panels `range` for the rows `x` `[m, k]` into `y` `[m, n]`.
+    ///
+    /// # Safety
+    /// `y` must point to `m * n` values that no one else reads or writes in these columns.
+    unsafe fn columns(&self, x: &[f32], m: usize, range: std::ops::Range<usize>, y: Out) {
         let (k, n) = (self.k, self.n);
-        let start = range.start * NT;
-        let width = (range.end * NT).min(n) - start;
-        let mut y = vec![0.0f32; m * width];
         let mut acc = [[0.0f32; NT]; MR];
         for jb in range {
-            let (col, cols) = (jb * NT - start, (n - jb * NT).min(NT));
+            let cols = (n - jb * NT).min(NT);
             for b in 0..m.div_ceil(MR) {
-                let rows = &xt[b * k * MR..(b + 1) * k * MR];
+                let rows = (m - b * MR).min(MR);
+                let x = &x[b * MR * k..(b * MR + rows) * k];
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `apply_split` checked the CPU (`available()`).
                 unsafe {
                     match &self.panels {
-                        Panels::F32(p) => avx512::panel_product(rows, &p[jb * k * NT..][..k * NT], &mut acc),
-                        Panels::Bf16(p) => avx512::panel_product_bf16(rows, &p[jb * k * NT..][..k * NT], &mut acc),
+                        Panels::F32(p) => avx512::panel_product(x, rows, &p[jb * k * NT..][..k * NT], &mut acc),
+                        Panels::Bf16(p) => avx512::panel_product_bf16(x, rows, &p[jb * k * NT..][..k * NT], &mut acc),
                     }
                 };
-                for (r, acc_row) in acc.iter().enumerate().take((m - b * MR).min(MR)) {
-                    let out = &mut y[(b * MR + r) * width + col..][..cols];
+                for (r, acc_row) in acc.iter().enumerate().take(rows) {
+                    // SAFETY: within `[m, n]` (the caller's promise), these columns are ours
+                    let out = unsafe { std::slice::from_raw_parts_mut(y.0.add((b * MR + r) * n + jb * NT), cols) };
                     out.copy_from_slice(&acc_row[..cols]);
                     if let Some(bias) = &self.bias {
                         for (o, bv) in out.iter_mut().zip(&bias[jb * NT..jb * NT + cols]) {
@@ -174,9 +158,16 @@ impl PackedLinear {
                 }
             }
         }
-        y
     }
 }
+
+/// The output of [`PackedLinear::apply_split`], written by the team's threads in disjoint
+/// columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the threads write disjoint elements (see `PackedLinear::columns`).
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
 
 /// Whether this CPU runs the packed projections (x86-64 with AVX-512F); elsewhere decoding
 /// keeps using gemm.
@@ -196,32 +187,34 @@ mod avx512 {
     use super::{MR, NT};
     use std::arch::x86_64::*;
 
-    /// `acc[r][c] = Σ_kk xt[kk][r] · panel[kk][c]`, summed in order of `kk` with fused
-    /// multiply-adds; 8 rows × 32 columns in 16 registers.
+    /// `acc[r][c] = Σ_kk x[r][kk] · panel[kk][c]` for the `rows` (1..=8) rows of `x`
+    /// (`[rows, k]`), summed in order of `kk` with fused multiply-adds; 8 rows × 32 columns in
+    /// 16 registers (rows past `rows` repeat the last one).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panel_product(xt: &[f32], panel: &[f32], acc: &mut [[f32; NT]; MR]) {
+    pub(super) unsafe fn panel_product(x: &[f32], rows: usize, panel: &[f32], acc: &mut [[f32; NT]; MR]) {
         // 64 panel rows of 128 bytes ahead
-        panel_loop(xt, panel, acc, 64, |p| (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))))
+        panel_loop(x, rows, panel, acc, 64, |p| (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))))
     }
 
     /// [`panel_product`] with the panel in bf16: each weight widened to f32 (shifted into the
     /// high half), then the same f32 multiply-adds.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn panel_product_bf16(xt: &[f32], panel: &[u16], acc: &mut [[f32; NT]; MR]) {
+    pub(super) unsafe fn panel_product_bf16(x: &[f32], rows: usize, panel: &[u16], acc: &mut [[f32; NT]; MR]) {
         let widen = |p: *const u16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))));
         // 128 panel rows of 64 bytes ahead
-        panel_loop(xt, panel, acc, 128, |p| (widen(p), widen(p.add(16))))
+        panel_loop(x, rows, panel, acc, 128, |p| (widen(p), widen(p.add(16))))
     }
 
     /// The loop of both: `load` gives the 32 weights of a panel row as f32; one prefetch per
     /// 64 bytes, `ahead` rows ahead.
     #[inline(always)]
-    unsafe fn panel_loop<T>(xt: &[f32], panel: &[T], acc: &mut [[f32; NT]; MR], ahead: usize, load: impl Fn(*const T) -> (__m512, __m512)) {
+    unsafe fn panel_loop<T>(x: &[f32], rows: usize, panel: &[T], acc: &mut [[f32; NT]; MR], ahead: usize, load: impl Fn(*const T) -> (__m512, __m512)) {
         let k = panel.len() / NT;
-        assert!(xt.len() == k * MR && panel.len() == k * NT, "panel and rows disagree");
+        assert!((1..=MR).contains(&rows) && x.len() == rows * k && panel.len() == k * NT, "panel and rows disagree");
         let lines = (NT * size_of::<T>()).div_ceil(64);
         let mut a = [_mm512_setzero_ps(); 2 * MR];
-        let (mut xp, mut wp) = (xt.as_ptr(), panel.as_ptr());
+        let xp: [*const f32; MR] = std::array::from_fn(|r| x.as_ptr().add(r.min(rows - 1) * k));
+        let mut wp = panel.as_ptr();
         for kk in 0..k {
             if kk + ahead < k {
                 for line in 0..lines {
@@ -230,11 +223,10 @@ mod avx512 {
             }
             let (w0, w1) = load(wp);
             for r in 0..MR {
-                let x = _mm512_set1_ps(*xp.add(r));
+                let x = _mm512_set1_ps(*xp[r].add(kk));
                 a[2 * r] = _mm512_fmadd_ps(x, w0, a[2 * r]);
                 a[2 * r + 1] = _mm512_fmadd_ps(x, w1, a[2 * r + 1]);
             }
-            xp = xp.add(MR);
             wp = wp.add(NT);
         }
         for (r, row) in acc.iter_mut().enumerate() {
@@ -329,7 +321,7 @@ mod speed {
                     let (a, b) = range.map_or((0, panels), |(i, n)| (i * panels / n, (i + 1) * panels / n));
                     for jb in a..b {
                         for blk in 0..rows.div_ceil(MR) {
-                            unsafe { avx512::panel_product(&xt[blk * p.k * MR..(blk + 1) * p.k * MR], &p.f32_panels()[jb * p.k * NT..][..p.k * NT], &mut acc) };
+                            unsafe { avx512::panel_product(&xt[blk * p.k * MR..(blk + 1) * p.k * MR], MR, &p.f32_panels()[jb * p.k * NT..][..p.k * NT], &mut acc) };
                         }
                     }
                 }
@@ -351,7 +343,7 @@ mod speed {
             let xt = vec![0.5f32; 256 * MR];
             for _ in 0..100_000 {
                 for jb in 0..2 {
-                    unsafe { avx512::panel_product(&xt, &small.f32_panels()[jb * 256 * NT..][..256 * NT], &mut acc) };
+                    unsafe { avx512::panel_product(&xt, MR, &small.f32_panels()[jb * 256 * NT..][..256 * NT], &mut acc) };
                 }
             }
             std::hint::black_box(acc);
