@@ -5,11 +5,12 @@
 //! The same arithmetic as [`crate::Qwen2::forward`] (RMSNorm → q/k/v with bias → rotate-half
 //! RoPE → grouped-query attention → o_proj → residual → RMSNorm → SwiGLU → residual, final
 //! RMSNorm, lm_head), for `len = 1`, with the projections through the packed kernel
-//! (`packed.rs`). Done on the host because a decoding step is small: through burn tensors each
-//! step re-copied the whole KV cache (`Tensor::cat`; burn-flex's `slice_assign` copies the
-//! tensor too), so the cost per token grew with the sequence, and a dozen small tensor ops per
-//! layer cost as much as their arithmetic. Used only where [`crate::Qwen2::decode_weights`]
-//! gives weights (burn-flex, f32, AVX-512); tested against the full forward pass.
+//! (`packed.rs`) and the work split between the threads of a [`Team`]. Done on the host
+//! because a decoding step is small: through burn tensors each step re-copied the whole KV
+//! cache (`Tensor::cat`; burn-flex's `slice_assign` copies the tensor too), so the cost per
+//! token grew with the sequence, and each of a dozen small tensor ops per layer allocated and
+//! passed over its data. Used only where [`crate::Qwen2::decode_weights`] gives weights
+//! (burn-flex, f32 or bf16, AVX-512); tested against the full forward pass.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

@@ -18,7 +18,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
 use crate::decode::{DecodeWeights, HostKv};
-use crate::packed::MAX_ROWS;
 use crate::team::Team;
 use crate::Qwen2Config;
 
@@ -287,7 +286,7 @@ impl<B: Backend> Qwen2<B> {
     pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         match cache {
             // one token per sequence, weights on the host: the host decoding step (`decode.rs`)
-            Some(c) if inputs.len == 1 && inputs.batch <= MAX_ROWS && c.packed.is_some() => {
+            Some(c) if inputs.len == 1 && c.packed.is_some() => {
                 let weights = c.packed.clone().expect("checked");
                 let (kv_heads, head_dim) = (weights.0.kv_heads, weights.0.head_dim);
                 let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim, self.dtype()));

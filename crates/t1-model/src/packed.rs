@@ -14,10 +14,6 @@ use burn::tensor::Tensor;
 
 use crate::team::Team;
 
-/// Decoding steps of more rows go through burn's matmul (gemm). Measured on the 18M model, with
-/// the batch split between 2 threads: 32 rows per thread 1,882 vs gemm's 1,652 tokens/s,
-/// 64 rows 2,015 vs 1,602.
-pub(crate) const MAX_ROWS: usize = 64;
 
 /// Output columns per panel: two AVX-512 registers.
 const NT: usize = 32;
