@@ -173,9 +173,11 @@ fn prefill<B: Backend>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, 
     (lasts.concat(), KvCache::cat(caches))
 }
 
-/// [`generate`] with the batch cut into `threads` shards, each decoded on its own thread from
-/// its own ChaCha stream seeded from `rng`: reproducible for a given `threads`, and equal to
-/// [`generate`] (same stream) when `threads` is 1.
+/// [`generate`] with the batch cut into `threads` shards, each drawn from its own ChaCha
+/// stream seeded from `rng` and decoded on its own thread — or, on the host engine
+/// ([`Qwen2::decode_weights`]), prefilled on its own thread and then decoded with the others as
+/// one batch split between `threads` threads, which draws the same tokens. Reproducible for a
+/// given `threads`, and equal to [`generate`] (same stream) when `threads` is 1.
 pub fn generate_sharded<B: Backend>(
     model: &Qwen2<B>,
     prompts: &[Vec<u32>],
