@@ -176,14 +176,9 @@ fn sharded_host_decoding_draws_the_tokens_of_separate_shards() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let together = t1_train::generate_sharded(&model, &prompts, &cfg, &eos, 0, &mut rng.clone(), threads);
         let mut alone = vec![];
-        // the shards of `split_even`: sizes differ by at most one, larger first
-        let (base, extra) = (prompts.len() / threads, prompts.len() % threads);
-        let mut start = 0;
-        for i in 0..threads {
-            let len = base + usize::from(i < extra);
+        for shard in t1_train::parallel::split_even(prompts.len(), threads) {
             let seed = rng.random::<u64>();
-            alone.extend(t1_train::generate(&model, &prompts[start..start + len], &cfg, &eos, 0, &mut ChaCha8Rng::seed_from_u64(seed)));
-            start += len;
+            alone.extend(t1_train::generate(&model, &prompts[shard], &cfg, &eos, 0, &mut ChaCha8Rng::seed_from_u64(seed)));
         }
         assert_eq!(together.len(), alone.len());
         assert!(together.iter().any(|r| !r.truncated), "some sequence should stop at EOS");

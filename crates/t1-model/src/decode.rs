@@ -137,7 +137,6 @@ impl HostKv {
         dtype: DType,
     ) -> Self {
         let len = slots.first().and_then(|s| s.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
-        let host = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 cache");
         let layers = slots
             .iter_mut()
             .map(|slot| match slot.take() {

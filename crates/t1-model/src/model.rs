@@ -68,7 +68,7 @@ pub struct KvCache<B: Backend> {
     /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     /// Weights for decoding on the host (CPU only, see `decode.rs`).
-    packed: Option<DecodeWeights>,
+    weights: Option<DecodeWeights>,
     /// While decoding on the host, the keys and values live here instead of in `layers`.
     host: Option<HostKv>,
     /// Threads of a host decoding step, started at the first one.
@@ -78,13 +78,13 @@ pub struct KvCache<B: Backend> {
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], packed: None, host: None, threads: 1, team: None }
+        Self { layers: vec![None; num_layers], weights: None, host: None, threads: 1, team: None }
     }
 
     /// Decoding steps through this cache run on the host with `weights` (from
     /// [`Qwen2::decode_weights`] of the same model, unchanged since); `None` changes nothing.
     pub fn with_decode_weights(mut self, weights: Option<DecodeWeights>) -> Self {
-        self.packed = weights;
+        self.weights = weights;
         self
     }
 
@@ -105,7 +105,7 @@ impl<B: Backend> KvCache<B> {
         for mut c in caches {
             assert_eq!(c.layers.len(), n, "caches of models with different layer counts");
             // host-side caches exist only on burn-flex, whose one device is the default
-            c.to_tensors(&Default::default());
+            c.leave_host(&Default::default());
             for (slot, layer) in c.layers.into_iter().zip(&mut per_layer) {
                 layer.extend(slot);
             }
@@ -123,7 +123,7 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Moves a host-side cache back into tensors (for a forward call through burn).
-    fn to_tensors(&mut self, device: &B::Device) {
+    fn leave_host(&mut self, device: &B::Device) {
         if let Some(kv) = self.host.take() {
             self.layers = kv.into_tensors(device);
         }
@@ -286,8 +286,8 @@ impl<B: Backend> Qwen2<B> {
     pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         match cache {
             // one token per sequence, weights on the host: the host decoding step (`decode.rs`)
-            Some(c) if inputs.len == 1 && c.packed.is_some() => {
-                let weights = c.packed.clone().expect("checked");
+            Some(c) if inputs.len == 1 && c.weights.is_some() => {
+                let weights = c.weights.clone().expect("checked");
                 let (kv_heads, head_dim) = (weights.0.kv_heads, weights.0.head_dim);
                 let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim, self.dtype()));
                 let team = c.team.get_or_insert_with(|| Arc::new(Team::new(c.threads)));
@@ -313,7 +313,7 @@ impl<B: Backend> Qwen2<B> {
         let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
 
         if let Some(c) = cache.as_deref_mut() {
-            c.to_tensors(&device);
+            c.leave_host(&device);
         }
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {

@@ -159,17 +159,7 @@ fn prefill<B: Backend>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, 
     if threads <= 1 || b < 2 {
         return run(model, 0..b);
     }
-    let parts: Vec<(Vec<f32>, KvCache<B>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = crate::parallel::split_even(b, threads)
-            .into_iter()
-            .map(|rows| {
-                let m = model.clone();
-                scope.spawn(move || run(&m, rows))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-    });
-    let (lasts, caches): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    let (lasts, caches): (Vec<_>, Vec<_>) = on_threads(model, crate::parallel::split_even(b, threads), run).into_iter().unzip();
     (lasts.concat(), KvCache::cat(caches))
 }
 
@@ -200,16 +190,25 @@ pub fn generate_sharded<B: Backend>(
         let mut streams: Vec<_> = shards.iter().map(|(r, _)| r.clone()).zip(rngs.iter_mut()).collect();
         return generate_with(model, weights, threads, prompts, cfg, eos, pad, &mut streams);
     }
+    let decode = |m: &Qwen2<B>, (range, seed): (Range<usize>, u64)| {
+        let len = range.len();
+        generate_with(m, None, 1, &prompts[range], cfg, eos, pad, &mut [(0..len, &mut ChaCha8Rng::seed_from_u64(seed))])
+    };
+    on_threads(model, shards, decode).into_iter().flatten().collect()
+}
+
+/// `f(model, shard)` for each shard on its own thread (each with its own copy of the model
+/// handle), results in shard order; a panic on a thread is raised here.
+fn on_threads<B: Backend, S: Send, T: Send>(model: &Qwen2<B>, shards: Vec<S>, f: impl Fn(&Qwen2<B>, S) -> T + Sync) -> Vec<T> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
-            .map(|(range, seed)| {
-                let m = model.clone();
-                let len = range.len();
-                scope.spawn(move || generate_with(&m, None, 1, &prompts[range], cfg, eos, pad, &mut [(0..len, &mut ChaCha8Rng::seed_from_u64(seed))]))
+            .map(|shard| {
+                let (m, f) = (model.clone(), &f);
+                scope.spawn(move || f(&m, shard))
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }
 
