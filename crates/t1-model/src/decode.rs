@@ -20,6 +20,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::model::{rope_angles, Inputs, MASKED};
 use crate::packed::{available, host, PackedLayer, PackedLinear};
+use crate::kernels::{dot, exp_in_place, swiglu_into};
 use crate::team::Team;
 
 /// A model's weights copied to the host for decoding on the CPU: the projections packed for
@@ -229,10 +230,7 @@ impl HostModel {
                 let gate_up = &gate_up[rows.start * 2 * inter..rows.end * 2 * inter];
                 for (row, act) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
                     let (gate, up) = row.split_at(inter);
-                    act.iter_mut().zip(gate).for_each(|(a, g)| *a = -g);
-                    // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
-                    unsafe { exp_in_place(act) };
-                    act.iter_mut().zip(gate.iter().zip(up)).for_each(|(a, (g, u))| *a = g / (1.0 + *a) * u);
+                    swiglu_into(gate, up, act);
                 }
             });
             add(&mut x, &p.down.apply_split(&act, b, team));
@@ -357,80 +355,5 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, scale: f32) {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-/// Dot product with 16 independent partial sums (vectorised by LLVM), summed pairwise.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (xa, xb) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += xa[i] * xb[i];
-        }
-    }
-    // pairwise: a chain of 16 dependent adds cost more than the products
-    let mut half = 8;
-    while half > 0 {
-        for i in 0..half {
-            acc[i] += acc[i + half];
-        }
-        half /= 2;
-    }
-    acc[0] + tail
-}
-
-/// `x = exp(x)` for every element, 16 at a time with AVX-512 (a degree-6 polynomial on the
-/// reduced argument and `vscalefps`; relative error below 3e-7 against libm's `expf`, tested;
-/// 0 below −87.3 where libm gives denormals), the tail with libm, which works one value at a
-/// time.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
-unsafe fn exp_in_place(x: &mut [f32]) {
-    let mut chunks = x.chunks_exact_mut(16);
-    #[cfg(target_arch = "x86_64")]
-    for c in &mut chunks {
-        use std::arch::x86_64::*;
-        let v = _mm512_loadu_ps(c.as_ptr());
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-        // r = v - n ln 2 in two parts (Cody-Waite), |r| <= ln 2 / 2
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), v);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_scalef_ps(p, n);
-        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(-87.3));
-        let y = _mm512_mask_blend_ps(under, y, _mm512_setzero_ps());
-        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(88.8));
-        _mm512_storeu_ps(c.as_mut_ptr(), _mm512_mask_blend_ps(over, y, _mm512_set1_ps(f32::INFINITY)));
-    }
-    for v in chunks.into_remainder() {
-        *v = v.exp();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vector_exp_matches_libm() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: the vector exp is not used here");
-            return;
-        }
-        let mut xs: Vec<f32> = (0..200_000).map(|i| -100.0 + i as f32 * 0.001).collect();
-        xs.extend([f32::NEG_INFINITY, -1e9, -87.0, 0.0, -0.0, 1e-30, 88.0, 89.0, f32::INFINITY, 1e9]);
-        let mut got = xs.clone();
-        // SAFETY: checked above
-        unsafe { exp_in_place(&mut got) };
-        for (x, g) in xs.iter().zip(&got) {
-            let want = x.exp();
-            let ok = if want < 1e-37 { *g < 1e-37 && *g >= 0.0 } else { ((g - want) / want).abs() < 3e-7 || (want.is_infinite() && g.is_infinite()) };
-            assert!(ok, "exp({x}) = {g}, libm {want}");
-        }
     }
 }

@@ -5,7 +5,9 @@
 
 mod config;
 mod decode;
+mod fused;
 pub mod hf;
+mod kernels;
 mod model;
 mod packed;
 mod team;

@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 
 use crate::decode::{DecodeWeights, HostKv};
+use crate::fused;
 use crate::team::Team;
 use crate::Qwen2Config;
 
@@ -420,7 +420,7 @@ impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = project(&self.gate_proj, x.clone());
         let up = project(&self.up_proj, x);
-        project(&self.down_proj, silu(gate) * up)
+        project(&self.down_proj, fused::swiglu(gate, up))
     }
 }
 
@@ -457,7 +457,7 @@ impl<B: Backend> Attention<B> {
         let (rep, s) = (h / kvh, k.dims()[2]);
         let q = q.reshape([b, kvh, rep * t, d]);
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, kvh, rep*t, s], scaled by 1/√d through the query's rotary tables
-        let probs = softmax(scores.reshape([b, h, t, s]) + bias, 3);
+        let probs = fused::masked_softmax(scores.reshape([b, h, t, s]), bias);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
         project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }

@@ -1,0 +1,265 @@
+//! SwiGLU and the attention's masked softmax as single operations on burn-flex.
+//!
+//! burn 0.21 composes `silu(gate) * up` and `softmax(scores + bias)` from element-wise ops on
+//! every backend, and its autodiff records each of them: SwiGLU was six passes over the MLP's
+//! `[tokens, intermediate]` activations forward and ten backward (the sigmoid is computed
+//! twice), with libm's `expf` one value at a time. Here each is one pass forward and one
+//! backward on the host ([`crate::kernels`]), with a hand-written backward registered with
+//! burn-autodiff.
+//!
+//! The model stays generic: [`swiglu`] and [`masked_softmax`] check the backend's tensor type
+//! at run time (`Any`) and take the fused path only for f32 tensors of burn-flex, with or
+//! without burn's default autodiff; every other backend, dtype or shape goes through burn's
+//! composition, the same math (the tests compare the two, values and gradients).
+
+use std::any::Any;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+
+use crate::kernels;
+
+/// Tensors of burn's default CPU training backend, `Autodiff<Flex>`.
+type AdTensor = FloatTensor<Autodiff<Flex>>;
+
+/// `silu(gate) * up`, element-wise; `gate` and `up` of one shape.
+pub(crate) fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.dims() != up.dims() {
+        return silu(gate) * up;
+    }
+    let prims = [gate.into_primitive().tensor(), up.into_primitive().tensor()];
+    let prims = match downcast::<_, [AdTensor; 2]>(prims) {
+        Ok([g, u]) => return wrap(swiglu_autodiff(g, u)),
+        Err(prims) => prims,
+    };
+    let [g, u] = match downcast::<_, [FlexTensor; 2]>(prims) {
+        Ok([g, u]) => return wrap(swiglu_flex(&g, &u)),
+        Err(prims) => prims.map(|p| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(p))),
+    };
+    silu(g) * u
+}
+
+/// `softmax(scores + bias)` over the last axis, with `scores` `[batch, heads, len, keys]` and a
+/// constant `bias` `[batch, 1, len, keys]` shared by the heads (the attention mask). The bias
+/// gets no gradient.
+pub(crate) fn masked_softmax<B: Backend>(scores: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, _, t, s] = scores.dims();
+    if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || bias.dims() != [b, 1, t, s] {
+        return softmax(scores + bias, 3);
+    }
+    let prims = [scores.into_primitive().tensor(), bias.into_primitive().tensor()];
+    let prims = match downcast::<_, [AdTensor; 2]>(prims) {
+        Ok([x, bias]) if !bias.is_tracked() => return wrap(softmax_autodiff(x, &bias.primitive)),
+        Ok(prims) => upcast(prims),
+        Err(prims) => prims,
+    };
+    let [x, bias] = match downcast::<_, [FlexTensor; 2]>(prims) {
+        Ok([x, bias]) => return wrap(softmax_flex(&x, &bias)),
+        Err(prims) => prims.map(|p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p))),
+    };
+    softmax(x + bias, 3)
+}
+
+/// `Ok(t as U)` where `T` is `U`, else `Err(t)`.
+fn downcast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    let mut slot = Some(t);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+        Some(u) => Ok(u.take().expect("just filled")),
+        None => Err(slot.expect("not taken")),
+    }
+}
+
+/// The inverse of a successful [`downcast`]: a primitive made by the backend the caller's
+/// tensors came from, given back as that backend's type.
+fn upcast<T: 'static, U: 'static>(t: T) -> U {
+    downcast(t).unwrap_or_else(|_| unreachable!("the fused path returns the backend's own tensor type"))
+}
+
+fn wrap<B: Backend, const D: usize, P: 'static>(primitive: P) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(upcast(primitive)))
+}
+
+/// The tensor's values, contiguous.
+fn values(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+fn from_vec(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn swiglu_flex(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let (g, u) = (values(gate), values(up));
+    let mut out = vec![0.0; g.shape().num_elements()];
+    kernels::swiglu_into(slice(&g), slice(&u), &mut out);
+    from_vec(out, g.shape())
+}
+
+fn softmax_flex(scores: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
+    let (x, bias) = (values(scores), values(bias));
+    let [b, h, t, s] = x.shape().dims();
+    let mut out = vec![0.0; b * h * t * s];
+    let (x_all, bias_all) = (slice(&x), slice(&bias));
+    // one `[len, keys]` block per (batch row, head); the bias block of the batch row
+    for (block, (o, xs)) in out.chunks_exact_mut(t * s).zip(x_all.chunks_exact(t * s)).enumerate() {
+        let bias = &bias_all[(block / h) * t * s..][..t * s];
+        for ((o, xs), bias) in o.chunks_exact_mut(s).zip(xs.chunks_exact(s)).zip(bias.chunks_exact(s)) {
+            kernels::softmax_biased(xs, bias, o);
+        }
+    }
+    from_vec(out, x.shape())
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// gate and up, contiguous
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let d_out = values(&grads.consume::<Flex>(&ops.node));
+        let n = gate.shape().num_elements();
+        let (mut d_gate, mut d_up) = (vec![0.0; n], vec![0.0; n]);
+        kernels::swiglu_backward(slice(&gate), slice(&up), slice(&d_out), &mut d_gate, &mut d_up);
+        let [gate_node, up_node] = ops.parents;
+        if let Some(node) = gate_node {
+            grads.register::<Flex>(node.id, from_vec(d_gate, gate.shape()));
+        }
+        if let Some(node) = up_node {
+            grads.register::<Flex>(node.id, from_vec(d_up, up.shape()));
+        }
+    }
+}
+
+fn swiglu_autodiff(gate: AdTensor, up: AdTensor) -> AdTensor {
+    let (g, u) = (values(&gate.primitive), values(&up.primitive));
+    let out = swiglu_flex(&g, &u);
+    match SwigluBackward.prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((g, u), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Flex, 1> for SoftmaxBackward {
+    /// the output probabilities, contiguous
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let probs = ops.state;
+        let d_probs = values(&grads.consume::<Flex>(&ops.node));
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let mut d_x = vec![0.0; probs.shape().num_elements()];
+            let keys = probs.shape().dims::<4>()[3];
+            kernels::softmax_backward(slice(&probs), slice(&d_probs), &mut d_x, keys);
+            grads.register::<Flex>(node.id, from_vec(d_x, probs.shape()));
+        }
+    }
+}
+
+fn softmax_autodiff(scores: AdTensor, bias: &FlexTensor) -> AdTensor {
+    let probs = softmax_flex(&scores.primitive, bias);
+    match SoftmaxBackward.prepare::<NoCheckpointing>([scores.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
+        OpsKind::UnTracked(prep) => prep.finish(probs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+
+    type Ad = Autodiff<Flex>;
+
+    fn random<B: Backend, const D: usize>(shape: [usize; D], std: f64, seed: u64) -> Tensor<B, D> {
+        B::seed(&Default::default(), seed);
+        Tensor::random(shape, Distribution::Normal(0.0, std), &Default::default())
+    }
+
+    /// A causal bias `[batch, 1, len, keys]` with the last key of batch row 1 masked (padding).
+    fn causal_bias<B: Backend>(b: usize, t: usize) -> Tensor<B, 4> {
+        let masked = crate::model::MASKED;
+        let values: Vec<f32> = (0..b * t * t).map(|i| {
+            let (row, q, k) = (i / (t * t), (i / t) % t, i % t);
+            if k > q || (row == 1 && k == t - 1) { masked } else { 0.0 }
+        }).collect();
+        Tensor::from_data(TensorData::new(values, [b, 1, t, t]), &Default::default())
+    }
+
+    fn close<const D: usize>(got: Tensor<Flex, D>, want: Tensor<Flex, D>, what: &str) {
+        let (got, want) = (got.into_data(), want.into_data());
+        got.assert_approx_eq::<f32>(&want, Tolerance::absolute(1e-5).set_relative(1e-5));
+        eprintln!("{what}: ok");
+    }
+
+    #[test]
+    fn swiglu_matches_burns_composition_with_gradients() {
+        let (g, u, w) = (random::<Ad, 3>([2, 5, 37], 4.0, 1), random::<Ad, 3>([2, 5, 37], 1.0, 2), random::<Ad, 3>([2, 5, 37], 1.0, 3));
+        let (g, u) = (g.require_grad(), u.require_grad());
+        let fused = swiglu(g.clone(), u.clone());
+        let composed = silu(g.clone()) * u.clone();
+        let [fused_grads, composed_grads] = [fused.clone(), composed.clone()].map(|y| (y * w.clone()).sum().backward());
+        close(fused.clone().inner(), composed.clone().inner(), "values");
+        close(g.grad(&fused_grads).unwrap(), g.grad(&composed_grads).unwrap(), "d_gate");
+        close(u.grad(&fused_grads).unwrap(), u.grad(&composed_grads).unwrap(), "d_up");
+        // the dispatch took the fused path: bit-for-bit the fused kernel's values
+        let direct = swiglu_flex(&g.clone().inner().into_primitive().tensor(), &u.clone().inner().into_primitive().tensor());
+        assert_eq!(fused.inner().into_data(), Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(direct)).into_data());
+        // without autodiff, and on a gate that needs no gradient
+        close(swiglu(g.clone().inner(), u.clone().inner()), composed.clone().inner(), "flex values");
+        let grads = (swiglu(g.clone().detach(), u.clone()) * w).sum().backward();
+        assert!(g.grad(&grads).is_none());
+        close(u.grad(&grads).unwrap(), u.grad(&composed_grads).unwrap(), "d_up alone");
+    }
+
+    #[test]
+    fn masked_softmax_matches_burns_composition_with_gradients() {
+        let (b, h, t) = (2, 3, 9);
+        let x = random::<Ad, 4>([b, h, t, t], 3.0, 4).require_grad();
+        let w = random::<Ad, 4>([b, h, t, t], 1.0, 5);
+        let bias = causal_bias::<Ad>(b, t);
+        let fused = masked_softmax(x.clone(), bias.clone());
+        let composed = softmax(x.clone() + bias.clone(), 3);
+        let [fused_grads, composed_grads] = [fused.clone(), composed.clone()].map(|y| (y * w.clone()).sum().backward());
+        close(fused.clone().inner(), composed.clone().inner(), "probabilities");
+        close(x.grad(&fused_grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_scores");
+        let direct = softmax_flex(&x.clone().inner().into_primitive().tensor(), &bias.clone().inner().into_primitive().tensor());
+        assert_eq!(fused.inner().into_data(), Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(direct)).into_data());
+        close(masked_softmax(x.clone().inner(), bias.clone().inner()), composed.clone().inner(), "flex probabilities");
+        // a bias that wants a gradient goes through burn's ops and gets one
+        let bias = bias.require_grad();
+        let grads = (masked_softmax(x.clone(), bias.clone()) * w).sum().backward();
+        assert!(bias.grad(&grads).is_some(), "a tracked bias is differentiated");
+        close(x.grad(&grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_scores with a tracked bias");
+    }
+
+    #[test]
+    fn other_dtypes_and_shapes_use_burns_ops() {
+        let (g, u) = (random::<Flex, 2>([4, 6], 2.0, 6), random::<Flex, 2>([4, 6], 1.0, 7));
+        let want = (silu(g.clone()) * u.clone()).cast(DType::BF16).into_data();
+        let got = swiglu(g.clone().cast(DType::BF16), u.clone().cast(DType::BF16)).into_data();
+        got.assert_approx_eq::<half::bf16>(&want, Tolerance::absolute(0.05).set_relative(0.05));
+        // a bias per head (not shared) is added by broadcasting as usual
+        let x = random::<Flex, 4>([1, 2, 3, 3], 1.0, 8);
+        let bias = random::<Flex, 4>([1, 2, 3, 3], 1.0, 9);
+        close(masked_softmax(x.clone(), bias.clone()), softmax(x + bias, 3), "per-head bias");
+    }
+}

@@ -1,0 +1,247 @@
+//! Element-wise and row kernels on `f32` slices, shared by the host decoding engine
+//! (`decode.rs`) and the fused burn-flex operations (`fused.rs`).
+//!
+//! Each works on any x86-64 or other CPU; the exponential uses AVX-512 where the CPU has it.
+
+use crate::packed::available;
+
+/// Dot product with 16 independent partial sums (vectorised by LLVM), summed pairwise.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += xa[i] * xb[i];
+        }
+    }
+    pairwise(acc) + tail
+}
+
+/// Sum with 16 independent partial sums, summed pairwise.
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    pairwise(acc) + tail
+}
+
+/// Largest value (−∞ for an empty slice; NaN is skipped as by `f32::max`).
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    acc.into_iter().fold(tail, f32::max)
+}
+
+#[inline(always)]
+fn pairwise(mut acc: [f32; 16]) -> f32 {
+    // a chain of 16 dependent adds costs more than the products
+    let mut half = 8;
+    while half > 0 {
+        for i in 0..half {
+            acc[i] += acc[i + half];
+        }
+        half /= 2;
+    }
+    acc[0]
+}
+
+/// `x = exp(x)` for every element: AVX-512 where the CPU has it, libm elsewhere.
+pub(crate) fn exp(x: &mut [f32]) {
+    if available() {
+        // SAFETY: the CPU has AVX-512 (checked at run time).
+        unsafe { exp_in_place(x) }
+    } else {
+        x.iter_mut().for_each(|v| *v = v.exp());
+    }
+}
+
+/// `x = exp(x)` for every element, 16 at a time with AVX-512 (a degree-6 polynomial on the
+/// reduced argument and `vscalefps`; relative error below 3e-7 against libm's `expf`, tested;
+/// 0 below −87.3 where libm gives denormals), the tail with libm, which works one value at a
+/// time.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+pub(crate) unsafe fn exp_in_place(x: &mut [f32]) {
+    let mut chunks = x.chunks_exact_mut(16);
+    #[cfg(target_arch = "x86_64")]
+    for c in &mut chunks {
+        use std::arch::x86_64::*;
+        let v = _mm512_loadu_ps(c.as_ptr());
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        // r = v - n ln 2 in two parts (Cody-Waite), |r| <= ln 2 / 2
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), v);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_scalef_ps(p, n);
+        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(-87.3));
+        let y = _mm512_mask_blend_ps(under, y, _mm512_setzero_ps());
+        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(88.8));
+        _mm512_storeu_ps(c.as_mut_ptr(), _mm512_mask_blend_ps(over, y, _mm512_set1_ps(f32::INFINITY)));
+    }
+    for v in chunks.into_remainder() {
+        *v = v.exp();
+    }
+}
+
+/// Values per chunk of the element-wise kernels: the chunk's `exp` buffer stays in L1.
+const CHUNK: usize = 1024;
+
+/// `out = silu(gate) * up = gate * σ(gate) * up`, element-wise.
+pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((g, u), o) in gate.chunks(CHUNK).zip(up.chunks(CHUNK)).zip(out.chunks_mut(CHUNK)) {
+        // o = exp(-g), then g / (1 + exp(-g)) * u; exp(-g) = inf for g < -88.7 gives -0
+        o.iter_mut().zip(g).for_each(|(o, g)| *o = -g);
+        exp(o);
+        o.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (g, u))| *o = g / (1.0 + *o) * u);
+    }
+}
+
+/// Gradients of [`swiglu_into`]: with `s = σ(g)`, `d_gate = d_out · up · s · (1 + g · (1 − s))`
+/// and `d_up = d_out · g · s`.
+pub(crate) fn swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+    let chunks = gate.chunks(CHUNK).zip(up.chunks(CHUNK)).zip(d_out.chunks(CHUNK));
+    for (((g, u), dy), (dg, du)) in chunks.zip(d_gate.chunks_mut(CHUNK).zip(d_up.chunks_mut(CHUNK))) {
+        dg.iter_mut().zip(g).for_each(|(e, g)| *e = -g);
+        exp(dg);
+        for i in 0..g.len() {
+            let s = 1.0 / (1.0 + dg[i]);
+            let gs = g[i] * s;
+            du[i] = dy[i] * gs;
+            dg[i] = dy[i] * u[i] * (s + gs * (1.0 - s));
+        }
+    }
+}
+
+/// Softmax of each row of `scores + bias` (rows of `bias.len()` values), into `out`.
+pub(crate) fn softmax_biased(scores: &[f32], bias: &[f32], out: &mut [f32]) {
+    for (o, x) in out.chunks_exact_mut(bias.len()).zip(scores.chunks_exact(bias.len())) {
+        o.iter_mut().zip(x.iter().zip(bias)).for_each(|(o, (x, b))| *o = x + b);
+        let m = max(o);
+        o.iter_mut().for_each(|v| *v -= m);
+        exp(o);
+        let inv = 1.0 / sum(o);
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Gradient of a row-wise softmax with output `probs`: `d_x = p · (d_p − Σ d_p · p)` per row of
+/// `len` values.
+pub(crate) fn softmax_backward(probs: &[f32], d_probs: &[f32], d_x: &mut [f32], len: usize) {
+    for ((p, g), dx) in probs.chunks_exact(len).zip(d_probs.chunks_exact(len)).zip(d_x.chunks_exact_mut(len)) {
+        let inner = dot(p, g);
+        dx.iter_mut().zip(p.iter().zip(g)).for_each(|(dx, (p, g))| *dx = p * (g - inner));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_exp_matches_libm() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the vector exp is not used here");
+            return;
+        }
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -100.0 + i as f32 * 0.001).collect();
+        xs.extend([f32::NEG_INFINITY, -1e9, -87.0, 0.0, -0.0, 1e-30, 88.0, 89.0, f32::INFINITY, 1e9]);
+        let mut got = xs.clone();
+        // SAFETY: checked above
+        unsafe { exp_in_place(&mut got) };
+        for (x, g) in xs.iter().zip(&got) {
+            let want = x.exp();
+            let ok = if want < 1e-37 { *g < 1e-37 && *g >= 0.0 } else { ((g - want) / want).abs() < 3e-7 || (want.is_infinite() && g.is_infinite()) };
+            assert!(ok, "exp({x}) = {g}, libm {want}");
+        }
+        let mut nan = [f32::NAN; 16];
+        exp(&mut nan);
+        assert!(nan.iter().all(|v| v.is_nan()), "NaN must stay NaN (a diverged loss is detected downstream)");
+    }
+
+    #[test]
+    fn reductions_match_sequential_ones() {
+        let xs: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
+        for n in [0, 1, 15, 16, 17, 100, 1037] {
+            let x = &xs[..n];
+            let want_sum: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((sum(x) as f64 - want_sum).abs() < 1e-3, "sum of {n}");
+            assert_eq!(max(x), x.iter().copied().fold(f32::NEG_INFINITY, f32::max), "max of {n}");
+            let want_dot: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            assert!((dot(x, x) as f64 - want_dot).abs() < 1e-2, "dot of {n}");
+        }
+    }
+
+    #[test]
+    fn swiglu_and_its_gradient_match_the_formulas() {
+        let n = 3000; // more than two chunks, not a multiple of 16
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 - 1500.0) / 15.0).collect(); // -100 .. 100
+        let u: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 / 4.0 - 2.0).collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i * 13) % 11) as f32 / 5.0 - 1.0).collect();
+        let mut y = vec![0.0; n];
+        swiglu_into(&g, &u, &mut y);
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        swiglu_backward(&g, &u, &dy, &mut dg, &mut du);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for i in 0..n {
+            let (gi, ui, dyi) = (g[i] as f64, u[i] as f64, dy[i] as f64);
+            let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0);
+            assert!(close(y[i], gi * sig(gi) * ui), "silu({gi}) * {ui} = {}", y[i]);
+            // central difference of y in g and u, in f64
+            let f = |g: f64, u: f64| g * sig(g) * u;
+            let h = 1e-4;
+            let want_dg = dyi * (f(gi + h, ui) - f(gi - h, ui)) / (2.0 * h);
+            assert!(close(dg[i], want_dg), "d_gate at g={gi}: {} vs {want_dg}", dg[i]);
+            assert!(close(du[i], dyi * gi * sig(gi)), "d_up at g={gi}");
+        }
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_the_formulas() {
+        let len = 37;
+        let rows = 5;
+        let scores: Vec<f32> = (0..rows * len).map(|i| ((i * 17) % 23) as f32 / 3.0 - 4.0).collect();
+        // keys after 20 masked as the model masks them
+        let bias: Vec<f32> = (0..len).map(|j| if j <= 20 { 0.0 } else { -1e9 }).collect();
+        let mut p = vec![0.0; rows * len];
+        softmax_biased(&scores, &bias, &mut p);
+        let mut uniform = vec![0.0; len];
+        softmax_biased(&scores[..len], &vec![-1e9; len], &mut uniform);
+        assert!(uniform.iter().all(|&v| (v - 1.0 / len as f32).abs() < 1e-6), "a fully masked row is uniform (padding query), not NaN: {uniform:?}");
+        for r in 0..rows {
+            let x: Vec<f64> = (0..len).map(|j| scores[r * len + j] as f64 + bias[j] as f64).collect();
+            let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+            for j in 0..len {
+                let want = (x[j] - m).exp() / z;
+                assert!((p[r * len + j] as f64 - want).abs() < 1e-6, "p[{r}][{j}]");
+            }
+        }
+        let d: Vec<f32> = (0..rows * len).map(|i| ((i * 5) % 7) as f32 - 3.0).collect();
+        let mut dx = vec![0.0; rows * len];
+        softmax_backward(&p, &d, &mut dx, len);
+        for r in 0..rows {
+            let pr = &p[r * len..][..len];
+            let inner: f64 = (0..len).map(|k| pr[k] as f64 * d[r * len + k] as f64).sum();
+            for j in 0..len {
+                // Jacobian row: dp_k/dx_j = p_k (δ_kj − p_j)
+                let want = pr[j] as f64 * (d[r * len + j] as f64 - inner);
+                assert!((dx[r * len + j] as f64 - want).abs() < 1e-6, "dx[{r}][{j}]");
+            }
+        }
+    }
+}
