@@ -14,7 +14,7 @@
 //! `B: Backend` and documents its shapes.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::activation::log_softmax;
+use t1_model::fused::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// # Shapes
 /// - logits `[B, T, V]`, targets `[B, T]` → `[B, T]`
 pub fn token_logprobs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-    let logp = log_softmax(logits, 2);
+    let logp = log_softmax(logits);
     logp.gather(2, targets.unsqueeze_dim(2)).squeeze_dim(2)
 }
 
@@ -33,7 +33,7 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, In
 /// # Shapes
 /// - logits `[B, T, V]` → `[B, T]`
 pub fn token_entropy<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
-    let logp = log_softmax(logits, 2);
+    let logp = log_softmax(logits);
     logp.clone().exp().mul(logp).sum_dim(2).squeeze_dim(2).neg()
 }
 

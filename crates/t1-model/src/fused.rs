@@ -1,16 +1,17 @@
-//! SwiGLU and the attention's masked softmax as single operations on burn-flex.
+//! Fused operations on burn-flex: SwiGLU, the attention's masked softmax and log-softmax.
 //!
-//! burn 0.21 composes `silu(gate) * up` and `softmax(scores + bias)` from element-wise ops on
-//! every backend, and its autodiff records each of them: SwiGLU was six passes over the MLP's
-//! `[tokens, intermediate]` activations forward and ten backward (the sigmoid is computed
-//! twice), with libm's `expf` one value at a time. Here each is one pass forward and one
-//! backward on the host ([`crate::kernels`]), with a hand-written backward registered with
-//! burn-autodiff.
+//! burn 0.21 composes `silu(gate) * up`, `softmax(scores + bias)` and `log_softmax` from
+//! element-wise ops on every backend, and its autodiff records each of them: SwiGLU was six
+//! passes over the MLP's `[tokens, intermediate]` activations forward and ten backward (the
+//! sigmoid is computed twice), with libm's `expf` one value at a time (and its slow underflow
+//! path on the −1e9 attention mask). Here each is one pass forward and one backward on the
+//! host ([`crate::kernels`]), with a hand-written backward registered with burn-autodiff.
 //!
-//! The model stays generic: [`swiglu`] and [`masked_softmax`] check the backend's tensor type
-//! at run time (`Any`) and take the fused path only for f32 tensors of burn-flex, with or
-//! without burn's default autodiff; every other backend, dtype or shape goes through burn's
-//! composition, the same math (the tests compare the two, values and gradients).
+//! The model stays generic: these functions check the backend's tensor type at run time
+//! (`Any`) and take the fused path only for f32 tensors of burn-flex, with or without burn's
+//! default autodiff; every other backend, dtype or shape goes through burn's composition, the
+//! same math (the tests compare the two, values and gradients). This is the one place outside
+//! `t1-backends` that names a concrete backend.
 
 use std::any::Any;
 
@@ -20,7 +21,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{self, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
@@ -35,37 +36,54 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<
     if gate.dtype() != DType::F32 || up.dtype() != DType::F32 || gate.dims() != up.dims() {
         return silu(gate) * up;
     }
-    let prims = [gate.into_primitive().tensor(), up.into_primitive().tensor()];
-    let prims = match downcast::<_, [AdTensor; 2]>(prims) {
-        Ok([g, u]) => return wrap(swiglu_autodiff(g, u)),
-        Err(prims) => prims,
-    };
-    let [g, u] = match downcast::<_, [FlexTensor; 2]>(prims) {
-        Ok([g, u]) => return wrap(swiglu_flex(&g, &u)),
-        Err(prims) => prims.map(|p| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(p))),
-    };
-    silu(g) * u
+    let inputs = [gate.into_primitive().tensor(), up.into_primitive().tensor()];
+    match on_flex::<B, 2>(inputs, |[g, u]| Ok(swiglu_autodiff(g, u)), |[g, u]| swiglu_flex(&g, &u)) {
+        Ok(y) => tensor(y),
+        Err([g, u]) => silu(tensor::<B, D>(g)) * tensor(u),
+    }
 }
 
 /// `softmax(scores + bias)` over the last axis, with `scores` `[batch, heads, len, keys]` and a
-/// constant `bias` `[batch, 1, len, keys]` shared by the heads (the attention mask). The bias
-/// gets no gradient.
+/// constant `bias` `[batch, 1, len, keys]` shared by the heads (the attention mask). A bias
+/// that requires a gradient goes through burn's ops and gets it.
 pub(crate) fn masked_softmax<B: Backend>(scores: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, _, t, s] = scores.dims();
     if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || bias.dims() != [b, 1, t, s] {
         return softmax(scores + bias, 3);
     }
-    let prims = [scores.into_primitive().tensor(), bias.into_primitive().tensor()];
-    let prims = match downcast::<_, [AdTensor; 2]>(prims) {
-        Ok([x, bias]) if !bias.is_tracked() => return wrap(softmax_autodiff(x, &bias.primitive)),
-        Ok(prims) => upcast(prims),
-        Err(prims) => prims,
+    let inputs = [scores.into_primitive().tensor(), bias.into_primitive().tensor()];
+    let ad = |[x, bias]: [AdTensor; 2]| if bias.is_tracked() { Err([x, bias]) } else { Ok(softmax_autodiff(x, &bias.primitive)) };
+    match on_flex::<B, 2>(inputs, ad, |[x, bias]| softmax_flex(&x, &bias)) {
+        Ok(y) => tensor(y),
+        Err([x, bias]) => softmax(tensor::<B, 4>(x) + tensor(bias), 3),
+    }
+}
+
+/// Log-softmax over the last axis, as `burn::tensor::activation::log_softmax(x, D - 1)`; one
+/// pass each way on burn-flex in f32 (the token log-probabilities of every loss).
+pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() != DType::F32 {
+        return activation::log_softmax(x, D - 1);
+    }
+    match on_flex::<B, 1>([x.into_primitive().tensor()], |[x]| Ok(log_softmax_autodiff(x)), |[x]| log_softmax_flex(&x)) {
+        Ok(y) => tensor(y),
+        Err([x]) => activation::log_softmax(tensor::<B, D>(x), D - 1),
+    }
+}
+
+/// `ad(xs)` where the primitives are burn-flex tensors with burn's default autodiff (`ad` may
+/// decline and hand them back), `flex(xs)` where they are plain burn-flex tensors, else
+/// `Err(xs)`.
+fn on_flex<B: Backend, const N: usize>(
+    xs: [FloatTensor<B>; N],
+    ad: impl FnOnce([AdTensor; N]) -> Result<AdTensor, [AdTensor; N]>,
+    flex: impl FnOnce([FlexTensor; N]) -> FlexTensor,
+) -> Result<FloatTensor<B>, [FloatTensor<B>; N]> {
+    let xs = match downcast::<_, [AdTensor; N]>(xs) {
+        Ok(xs) => return ad(xs).map(upcast).map_err(upcast),
+        Err(xs) => xs,
     };
-    let [x, bias] = match downcast::<_, [FlexTensor; 2]>(prims) {
-        Ok([x, bias]) => return wrap(softmax_flex(&x, &bias)),
-        Err(prims) => prims.map(|p| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p))),
-    };
-    softmax(x + bias, 3)
+    downcast::<_, [FlexTensor; N]>(xs).map(|xs| upcast(flex(xs)))
 }
 
 /// `Ok(t as U)` where `T` is `U`, else `Err(t)`.
@@ -77,14 +95,14 @@ fn downcast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     }
 }
 
-/// The inverse of a successful [`downcast`]: a primitive made by the backend the caller's
-/// tensors came from, given back as that backend's type.
+/// The inverse of a successful [`downcast`]: values made from the caller's backend's tensors,
+/// given back as that backend's type.
 fn upcast<T: 'static, U: 'static>(t: T) -> U {
     downcast(t).unwrap_or_else(|_| unreachable!("the fused path returns the backend's own tensor type"))
 }
 
-fn wrap<B: Backend, const D: usize, P: 'static>(primitive: P) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(upcast(primitive)))
+fn tensor<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// The tensor's values, contiguous.
@@ -182,6 +200,43 @@ fn softmax_autodiff(scores: AdTensor, bias: &FlexTensor) -> AdTensor {
     }
 }
 
+fn log_softmax_flex(x: &FlexTensor) -> FlexTensor {
+    let x = values(x);
+    let shape = x.shape();
+    let len = shape[shape.num_dims() - 1];
+    let mut out = vec![0.0; shape.num_elements()];
+    kernels::log_softmax_rows(slice(&x), &mut out, len);
+    from_vec(out, shape)
+}
+
+#[derive(Debug)]
+struct LogSoftmaxBackward;
+
+impl Backward<Flex, 1> for LogSoftmaxBackward {
+    /// the output log-probabilities, contiguous
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let logp = ops.state;
+        let d_logp = values(&grads.consume::<Flex>(&ops.node));
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let shape = logp.shape();
+            let mut d_x = vec![0.0; shape.num_elements()];
+            kernels::log_softmax_backward(slice(&logp), slice(&d_logp), &mut d_x, shape[shape.num_dims() - 1]);
+            grads.register::<Flex>(node.id, from_vec(d_x, shape));
+        }
+    }
+}
+
+fn log_softmax_autodiff(x: AdTensor) -> AdTensor {
+    let logp = log_softmax_flex(&x.primitive);
+    match LogSoftmaxBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(logp.clone(), logp),
+        OpsKind::UnTracked(prep) => prep.finish(logp),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +304,20 @@ mod tests {
         let grads = (masked_softmax(x.clone(), bias.clone()) * w).sum().backward();
         assert!(bias.grad(&grads).is_some(), "a tracked bias is differentiated");
         close(x.grad(&grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_scores with a tracked bias");
+    }
+
+    #[test]
+    fn log_softmax_matches_burns_with_gradients() {
+        let x = random::<Ad, 3>([2, 7, 300], 5.0, 10).require_grad();
+        let w = random::<Ad, 3>([2, 7, 300], 1.0, 11);
+        let fused = log_softmax(x.clone());
+        let composed = activation::log_softmax(x.clone(), 2);
+        let [fused_grads, composed_grads] = [fused.clone(), composed.clone()].map(|y| (y * w.clone()).sum().backward());
+        close(fused.clone().inner(), composed.clone().inner(), "log-probabilities");
+        close(x.grad(&fused_grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_logits");
+        let direct = log_softmax_flex(&x.clone().inner().into_primitive().tensor());
+        assert_eq!(fused.inner().into_data(), Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(direct)).into_data());
+        close(log_softmax(x.inner()), composed.inner(), "flex log-probabilities");
     }
 
     #[test]

@@ -148,6 +148,29 @@ pub(crate) fn softmax_backward(probs: &[f32], d_probs: &[f32], d_x: &mut [f32], 
     }
 }
 
+/// Log-softmax of each row of `len` values: `out = x − max − ln Σ exp(x − max)`.
+pub(crate) fn log_softmax_rows(x: &[f32], out: &mut [f32], len: usize) {
+    let mut buf = vec![0.0f32; len];
+    for (o, x) in out.chunks_exact_mut(len).zip(x.chunks_exact(len)) {
+        let m = max(x);
+        buf.iter_mut().zip(x).for_each(|(b, x)| *b = x - m);
+        o.copy_from_slice(&buf);
+        exp(&mut buf);
+        let lse = sum(&buf).ln();
+        o.iter_mut().for_each(|v| *v -= lse);
+    }
+}
+
+/// Gradient of [`log_softmax_rows`] with output `logp`: `d_x = d_y − exp(logp) · Σ d_y` per row.
+pub(crate) fn log_softmax_backward(logp: &[f32], d_y: &[f32], d_x: &mut [f32], len: usize) {
+    for ((lp, g), dx) in logp.chunks_exact(len).zip(d_y.chunks_exact(len)).zip(d_x.chunks_exact_mut(len)) {
+        let total = sum(g);
+        dx.copy_from_slice(lp);
+        exp(dx);
+        dx.iter_mut().zip(g).for_each(|(dx, g)| *dx = g - *dx * total);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +264,28 @@ mod tests {
                 // Jacobian row: dp_k/dx_j = p_k (δ_kj − p_j)
                 let want = pr[j] as f64 * (d[r * len + j] as f64 - inner);
                 assert!((dx[r * len + j] as f64 - want).abs() < 1e-6, "dx[{r}][{j}]");
+            }
+        }
+    }
+
+    #[test]
+    fn log_softmax_and_its_gradient_match_the_formulas() {
+        let (rows, len) = (4, 300);
+        let x: Vec<f32> = (0..rows * len).map(|i| ((i * 37) % 101) as f32 / 4.0 - 12.0).collect();
+        let mut lp = vec![0.0; rows * len];
+        log_softmax_rows(&x, &mut lp, len);
+        let g: Vec<f32> = (0..rows * len).map(|i| ((i * 11) % 13) as f32 / 6.0 - 1.0).collect();
+        let mut dx = vec![0.0; rows * len];
+        log_softmax_backward(&lp, &g, &mut dx, len);
+        for r in 0..rows {
+            let xr: Vec<f64> = x[r * len..][..len].iter().map(|&v| v as f64).collect();
+            let m = xr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + xr.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let total: f64 = g[r * len..][..len].iter().map(|&v| v as f64).sum();
+            for j in 0..len {
+                assert!((lp[r * len + j] as f64 - (xr[j] - lse)).abs() < 1e-5, "logp[{r}][{j}]");
+                let want = g[r * len + j] as f64 - (xr[j] - lse).exp() * total;
+                assert!((dx[r * len + j] as f64 - want).abs() < 1e-5, "dx[{r}][{j}]");
             }
         }
     }

@@ -5,7 +5,7 @@
 
 mod config;
 mod decode;
-mod fused;
+pub mod fused;
 pub mod hf;
 mod kernels;
 mod model;

@@ -308,9 +308,7 @@ impl<B: Backend> Qwen2<B> {
         assert_eq!(past, inputs.past, "inputs were built for {} cached positions, the cache has {past}", inputs.past);
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.ids.clone(), [b, t]), &device);
         let rope = self.rope_tables(inputs, &device, dtype);
-        // one bias per query head, so every layer adds two contiguous tensors of one shape
-        let heads = self.layers.first().map(|l| l.self_attn.num_heads).unwrap_or(1);
-        let bias = attention_bias::<B>(inputs, &device, dtype).repeat_dim(1, heads);
+        let bias = attention_bias::<B>(inputs, &device, dtype);
 
         if let Some(c) = cache.as_deref_mut() {
             c.leave_host(&device);
@@ -428,7 +426,7 @@ impl<B: Backend> Attention<B> {
     /// Grouped-query attention with rotate-half rotary embeddings.
     ///
     /// # Shapes
-    /// - x: `[batch, len, hidden]`, bias: `[batch, heads, len, past + len]`
+    /// - x: `[batch, len, hidden]`, bias: `[batch, 1, len, past + len]` (shared by the heads)
     /// - returns `[batch, len, hidden]`
     fn forward(
         &self,
