@@ -172,69 +172,50 @@ fn swiglu_autodiff(gate: AdTensor, up: AdTensor) -> AdTensor {
     }
 }
 
+/// The backward of a row-wise op whose gradient needs only its output: the kernel maps
+/// (output, output gradient) to the input gradient, rows along the last axis.
 #[derive(Debug)]
-struct SoftmaxBackward;
+struct RowsBackward(fn(&[f32], &[f32], &mut [f32], usize));
 
-impl Backward<Flex, 1> for SoftmaxBackward {
-    /// the output probabilities, contiguous
+impl Backward<Flex, 1> for RowsBackward {
+    /// the op's output, contiguous
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let probs = ops.state;
-        let d_probs = values(&grads.consume::<Flex>(&ops.node));
+        let out = ops.state;
+        let d_out = values(&grads.consume::<Flex>(&ops.node));
         let [node] = ops.parents;
         if let Some(node) = node {
-            let mut d_x = vec![0.0; probs.shape().num_elements()];
-            let keys = probs.shape().dims::<4>()[3];
-            kernels::softmax_backward(slice(&probs), slice(&d_probs), &mut d_x, keys);
-            grads.register::<Flex>(node.id, from_vec(d_x, probs.shape()));
-        }
-    }
-}
-
-fn softmax_autodiff(scores: AdTensor, bias: &FlexTensor) -> AdTensor {
-    let probs = softmax_flex(&scores.primitive, bias);
-    match SoftmaxBackward.prepare::<NoCheckpointing>([scores.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
-        OpsKind::UnTracked(prep) => prep.finish(probs),
-    }
-}
-
-fn log_softmax_flex(x: &FlexTensor) -> FlexTensor {
-    let x = values(x);
-    let shape = x.shape();
-    let len = shape[shape.num_dims() - 1];
-    let mut out = vec![0.0; shape.num_elements()];
-    kernels::log_softmax_rows(slice(&x), &mut out, len);
-    from_vec(out, shape)
-}
-
-#[derive(Debug)]
-struct LogSoftmaxBackward;
-
-impl Backward<Flex, 1> for LogSoftmaxBackward {
-    /// the output log-probabilities, contiguous
-    type State = FlexTensor;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let logp = ops.state;
-        let d_logp = values(&grads.consume::<Flex>(&ops.node));
-        let [node] = ops.parents;
-        if let Some(node) = node {
-            let shape = logp.shape();
+            let shape = out.shape();
             let mut d_x = vec![0.0; shape.num_elements()];
-            kernels::log_softmax_backward(slice(&logp), slice(&d_logp), &mut d_x, shape[shape.num_dims() - 1]);
+            (self.0)(slice(&out), slice(&d_out), &mut d_x, shape[shape.num_dims() - 1]);
             grads.register::<Flex>(node.id, from_vec(d_x, shape));
         }
     }
 }
 
-fn log_softmax_autodiff(x: AdTensor) -> AdTensor {
-    let logp = log_softmax_flex(&x.primitive);
-    match LogSoftmaxBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(logp.clone(), logp),
-        OpsKind::UnTracked(prep) => prep.finish(logp),
+/// Records `out`, computed from `x` by a row-wise op, with the backward `kernel`.
+fn rows_autodiff(x: &AdTensor, out: FlexTensor, kernel: fn(&[f32], &[f32], &mut [f32], usize)) -> AdTensor {
+    match RowsBackward(kernel).prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(out.clone(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
+}
+
+fn softmax_autodiff(scores: AdTensor, bias: &FlexTensor) -> AdTensor {
+    rows_autodiff(&scores, softmax_flex(&scores.primitive, bias), kernels::softmax_backward)
+}
+
+fn log_softmax_flex(x: &FlexTensor) -> FlexTensor {
+    let x = values(x);
+    let shape = x.shape();
+    let mut out = vec![0.0; shape.num_elements()];
+    kernels::log_softmax_rows(slice(&x), &mut out, shape[shape.num_dims() - 1]);
+    from_vec(out, shape)
+}
+
+fn log_softmax_autodiff(x: AdTensor) -> AdTensor {
+    rows_autodiff(&x, log_softmax_flex(&x.primitive), kernels::log_softmax_backward)
 }
 
 #[cfg(test)]
