@@ -59,6 +59,33 @@ pub(crate) fn masked_softmax<B: Backend>(scores: Tensor<B, 4>, bias: Tensor<B, 4
     }
 }
 
+/// Rotate-half RoPE of `x` `[batch, len, heads, d]` with constant tables `(cos, sin)` of the
+/// same shape, returned as `[batch, heads, len, d]`: on burn-flex one pass that also puts the
+/// heads first (contiguous, so attention needs no strided copy), else burn's ops and
+/// `swap_dims`.
+pub(crate) fn rope_heads<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+    let f32s = [x.dtype(), cos.dtype(), sin.dtype()].iter().all(|d| *d == DType::F32);
+    if !f32s || cos.dims() != x.dims() || sin.dims() != x.dims() {
+        return rotate(x, cos.clone(), sin.clone()).swap_dims(1, 2);
+    }
+    let inputs = [x, cos.clone(), sin.clone()].map(|t| t.into_primitive().tensor());
+    let ad = |[x, c, s]: [AdTensor; 3]| if c.is_tracked() || s.is_tracked() { Err([x, c, s]) } else { Ok(rope_autodiff(x, c.primitive, s.primitive)) };
+    match on_flex::<B, 3>(inputs, ad, |[x, c, s]| rope_flex(&x, &c, &s)) {
+        Ok(y) => tensor(y),
+        Err([x, c, s]) => rotate(tensor(x), tensor(c), tensor(s)).swap_dims(1, 2),
+    }
+}
+
+/// Rotate-half RoPE (HF layout) through burn's ops: `x * cos + rotate_half(x) * sin`, `x` and
+/// the tables `[batch, len, heads, d]`.
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, t, n, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..t, 0..n, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..t, 0..n, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
 /// Log-softmax over the last axis, as `burn::tensor::activation::log_softmax(x, D - 1)`; one
 /// pass each way on burn-flex in f32 (the token log-probabilities of every loss).
 pub fn log_softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -140,6 +167,15 @@ fn softmax_flex(scores: &FlexTensor, bias: &FlexTensor) -> FlexTensor {
     from_vec(out, x.shape())
 }
 
+/// `out`, computed from `inputs` on burn-flex, as an autodiff tensor whose backward is `op`
+/// with `state` (kept only where an input needs a gradient).
+fn record<Op: Backward<Flex, N>, const N: usize>(op: Op, inputs: [&AdTensor; N], state: Op::State, out: FlexTensor) -> AdTensor {
+    match op.prepare::<NoCheckpointing>(inputs.map(|x| x.node.clone())).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
 #[derive(Debug)]
 struct SwigluBackward;
 
@@ -166,10 +202,7 @@ impl Backward<Flex, 2> for SwigluBackward {
 fn swiglu_autodiff(gate: AdTensor, up: AdTensor) -> AdTensor {
     let (g, u) = (values(&gate.primitive), values(&up.primitive));
     let out = swiglu_flex(&g, &u);
-    match SwigluBackward.prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((g, u), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    record(SwigluBackward, [&gate, &up], (g, u), out)
 }
 
 /// The backward of a row-wise op whose gradient needs only its output: the kernel maps
@@ -196,10 +229,7 @@ impl Backward<Flex, 1> for RowsBackward {
 
 /// Records `out`, computed from `x` by a row-wise op, with the backward `kernel`.
 fn rows_autodiff(x: &AdTensor, out: FlexTensor, kernel: fn(&[f32], &[f32], &mut [f32], usize)) -> AdTensor {
-    match RowsBackward(kernel).prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(out.clone(), out),
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    }
+    record(RowsBackward(kernel), [x], out.clone(), out)
 }
 
 fn softmax_autodiff(scores: AdTensor, bias: &FlexTensor) -> AdTensor {
@@ -216,6 +246,40 @@ fn log_softmax_flex(x: &FlexTensor) -> FlexTensor {
 
 fn log_softmax_autodiff(x: AdTensor) -> AdTensor {
     rows_autodiff(&x, log_softmax_flex(&x.primitive), kernels::log_softmax_backward)
+}
+
+fn rope_flex(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor) -> FlexTensor {
+    let (x, cos, sin) = (values(x), values(cos), values(sin));
+    let [b, t, n, d] = x.shape().dims();
+    let mut out = vec![0.0; b * t * n * d];
+    kernels::rope_to_heads(slice(&x), slice(&cos), slice(&sin), &mut out, [b, t, n, d]);
+    from_vec(out, Shape::new([b, n, t, d]))
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    /// the cos and sin tables, contiguous
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        let d_y = values(&grads.consume::<Flex>(&ops.node));
+        let [node] = ops.parents;
+        if let Some(node) = node {
+            let dims = cos.shape().dims();
+            let mut d_x = vec![0.0; cos.shape().num_elements()];
+            kernels::rope_to_heads_backward(slice(&d_y), slice(&cos), slice(&sin), &mut d_x, dims);
+            grads.register::<Flex>(node.id, from_vec(d_x, cos.shape()));
+        }
+    }
+}
+
+fn rope_autodiff(x: AdTensor, cos: FlexTensor, sin: FlexTensor) -> AdTensor {
+    let (cos, sin) = (values(&cos), values(&sin));
+    let out = rope_flex(&x.primitive, &cos, &sin);
+    record(RopeBackward, [&x], (cos, sin), out)
 }
 
 #[cfg(test)]
@@ -285,6 +349,23 @@ mod tests {
         let grads = (masked_softmax(x.clone(), bias.clone()) * w).sum().backward();
         assert!(bias.grad(&grads).is_some(), "a tracked bias is differentiated");
         close(x.grad(&grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_scores with a tracked bias");
+    }
+
+    #[test]
+    fn rope_heads_matches_burns_rotation_with_gradients() {
+        let shape = [2, 5, 3, 8];
+        let x = random::<Ad, 4>(shape, 1.0, 12).require_grad();
+        let (cos, sin) = (random::<Ad, 4>(shape, 1.0, 13), random::<Ad, 4>(shape, 1.0, 14));
+        let w = random::<Ad, 4>([2, 3, 5, 8], 1.0, 15);
+        let fused = rope_heads(x.clone(), &(cos.clone(), sin.clone()));
+        let composed = rotate(x.clone(), cos.clone(), sin.clone()).swap_dims(1, 2);
+        assert_eq!(fused.dims(), [2, 3, 5, 8]);
+        let [fused_grads, composed_grads] = [fused.clone(), composed.clone()].map(|y| (y * w.clone()).sum().backward());
+        close(fused.clone().inner(), composed.clone().inner(), "rotated");
+        close(x.grad(&fused_grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_x");
+        let direct = rope_flex(&x.clone().inner().into_primitive().tensor(), &cos.clone().inner().into_primitive().tensor(), &sin.clone().inner().into_primitive().tensor());
+        assert_eq!(fused.inner().into_data(), Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(direct)).into_data());
+        close(rope_heads(x.clone().inner(), &(cos.clone().inner(), sin.clone().inner())), composed.inner(), "flex rotated");
     }
 
     #[test]

@@ -171,6 +171,39 @@ pub(crate) fn log_softmax_backward(logp: &[f32], d_y: &[f32], d_x: &mut [f32], l
     }
 }
 
+/// Rotate-half RoPE of `x` `[b, t, n, d]` with `cos`/`sin` tables of the same shape,
+/// written to `out` as `[b, n, t, d]` (heads first, as attention reads them):
+/// `y = x · cos + rotate_half(x) · sin`, `rotate_half([x1, x2]) = [−x2, x1]`.
+pub(crate) fn rope_to_heads(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], [_, t, n, d]: [usize; 4]) {
+    let half = d / 2;
+    for (row, ((x, c), s)) in x.chunks_exact(d).zip(cos.chunks_exact(d)).zip(sin.chunks_exact(d)).enumerate() {
+        let (bi, ti, ni) = (row / (t * n), (row / n) % t, row % n);
+        let y = &mut out[((bi * n + ni) * t + ti) * d..][..d];
+        let (y1, y2) = y.split_at_mut(half);
+        let (x1, x2) = x.split_at(half);
+        for i in 0..half {
+            y1[i] = x1[i] * c[i] - x2[i] * s[i];
+            y2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+        }
+    }
+}
+
+/// Gradient of [`rope_to_heads`]: `d_y` `[b, n, t, d]` → `d_x` `[b, t, n, d]`, the transposed
+/// rotation: `d_x1 = d_y1 · cos1 + d_y2 · sin2`, `d_x2 = d_y2 · cos2 − d_y1 · sin1`.
+pub(crate) fn rope_to_heads_backward(d_y: &[f32], cos: &[f32], sin: &[f32], d_x: &mut [f32], [_, t, n, d]: [usize; 4]) {
+    let half = d / 2;
+    for (row, ((dx, c), s)) in d_x.chunks_exact_mut(d).zip(cos.chunks_exact(d)).zip(sin.chunks_exact(d)).enumerate() {
+        let (bi, ti, ni) = (row / (t * n), (row / n) % t, row % n);
+        let dy = &d_y[((bi * n + ni) * t + ti) * d..][..d];
+        let (dy1, dy2) = dy.split_at(half);
+        let (dx1, dx2) = dx.split_at_mut(half);
+        for i in 0..half {
+            dx1[i] = dy1[i] * c[i] + dy2[i] * s[half + i];
+            dx2[i] = dy2[i] * c[half + i] - dy1[i] * s[i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

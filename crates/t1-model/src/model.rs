@@ -340,8 +340,8 @@ impl<B: Backend> Qwen2<B> {
     /// cos and sin of the rotary angles, computed in f32 the way transformers does
     /// (`inv_freq = 1 / theta^(2i/d)`, angles = position * inv_freq), laid out like the
     /// projected heads before they are transposed, `[batch, len, heads, head_dim]`, once for the
-    /// query heads and once for the kv heads: the products in [`rotate`] are then between
-    /// contiguous tensors of one shape.
+    /// query heads and once for the kv heads: the products in [`fused::rope_heads`] are then
+    /// between contiguous tensors of one shape.
     fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> Rope<B> {
         let d = self.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
         let (cos, sin) = rope_angles(&inputs.positions, self.rope_theta as f32, d);
@@ -437,10 +437,10 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // rotate while each projection is still `[b, t, heads, d]` (contiguous), then → `[b, heads, t, d]`
+        // rotate while each projection is still `[b, t, heads, d]` (contiguous), out as `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = rotate(heads(project(&self.q_proj, x.clone()), h), &rope.q).swap_dims(1, 2);
-        let mut k = rotate(heads(project(&self.k_proj, x.clone()), kvh), &rope.k).swap_dims(1, 2);
+        let q = fused::rope_heads(heads(project(&self.q_proj, x.clone()), h), &rope.q);
+        let mut k = fused::rope_heads(heads(project(&self.k_proj, x.clone()), kvh), &rope.k);
         let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
@@ -469,14 +469,4 @@ fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let y = linear.forward(x.reshape([b * t, n]));
     let out = y.dims()[1];
     y.reshape([b, t, out])
-}
-
-/// Rotate-half RoPE (HF layout): `x * cos + rotate_half(x) * sin`, `x` and the tables
-/// `[batch, len, heads, d]`.
-fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
-    let [b, t, n, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..t, 0..n, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..t, 0..n, d / 2..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
