@@ -20,7 +20,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::model::{rope_angles, Inputs, MASKED};
 use crate::packed::{available, host, PackedLayer, PackedLinear};
-use crate::kernels::{dot, exp_in_place, swiglu_into};
+use crate::kernels::{dot, exp_in_place, rms_norm_into, swiglu_into};
 use crate::team::Team;
 
 /// A model's weights copied to the host for decoding on the CPU: the projections packed for
@@ -322,14 +322,10 @@ fn split_rows(team: &Team, n: usize, width: usize, f: impl Fn(Range<usize>, &mut
     out
 }
 
-/// `x / sqrt(mean(x²) + eps) * gamma` over rows of `gamma.len()`, as burn's `RmsNorm`.
+/// RMSNorm over rows of `gamma.len()`, as the burn forward pass computes it.
 fn rms_norm(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
-    let n = gamma.len();
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(n) {
-        let rms = (row.iter().map(|v| v * v).sum::<f32>() / n as f32 + eps).sqrt();
-        y.extend(row.iter().zip(gamma).map(|(v, g)| v / rms * g));
-    }
+    let mut y = vec![0.0; x.len()];
+    rms_norm_into(x, gamma, eps, &mut y);
     y
 }
 

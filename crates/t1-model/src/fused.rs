@@ -21,6 +21,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
+use burn::nn::RmsNorm;
 use burn::tensor::activation::{self, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -84,6 +85,21 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> 
     let x2 = x.clone().slice([0..b, 0..t, 0..n, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos + rotated * sin
+}
+
+/// `norm.forward(x)`: RMSNorm over the last axis with the norm's `gamma` and epsilon; one pass
+/// each way on burn-flex in f32 (the backward also gives `gamma`'s gradient).
+pub(crate) fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let gamma = norm.gamma.val();
+    if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || gamma.dims()[0] != x.dims()[D - 1] {
+        return norm.forward(x);
+    }
+    let eps = norm.epsilon as f32;
+    let inputs = [x.into_primitive().tensor(), gamma.into_primitive().tensor()];
+    match on_flex::<B, 2>(inputs, |[x, g]| Ok(rms_norm_autodiff(x, g, eps)), |[x, g]| rms_norm_flex(&x, &g, eps)) {
+        Ok(y) => tensor(y),
+        Err([x, _]) => norm.forward(tensor(x)),
+    }
 }
 
 /// Log-softmax over the last axis, as `burn::tensor::activation::log_softmax(x, D - 1)`; one
@@ -282,9 +298,45 @@ fn rope_autodiff(x: AdTensor, cos: FlexTensor, sin: FlexTensor) -> AdTensor {
     record(RopeBackward, [&x], (cos, sin), out)
 }
 
+fn rms_norm_flex(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> FlexTensor {
+    let (x, gamma) = (values(x), values(gamma));
+    let mut out = vec![0.0; x.shape().num_elements()];
+    kernels::rms_norm_into(slice(&x), slice(&gamma), eps, &mut out);
+    from_vec(out, x.shape())
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    /// x and gamma, contiguous, and epsilon
+    type State = (FlexTensor, FlexTensor, f32);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, eps) = ops.state;
+        let d_y = values(&grads.consume::<Flex>(&ops.node));
+        let (mut d_x, mut d_gamma) = (vec![0.0; x.shape().num_elements()], vec![0.0; gamma.shape().num_elements()]);
+        kernels::rms_norm_backward(slice(&x), slice(&gamma), eps, slice(&d_y), &mut d_x, &mut d_gamma);
+        let [x_node, gamma_node] = ops.parents;
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, from_vec(d_x, x.shape()));
+        }
+        if let Some(node) = gamma_node {
+            grads.register::<Flex>(node.id, from_vec(d_gamma, gamma.shape()));
+        }
+    }
+}
+
+fn rms_norm_autodiff(x: AdTensor, gamma: AdTensor, eps: f32) -> AdTensor {
+    let (xs, gs) = (values(&x.primitive), values(&gamma.primitive));
+    let out = rms_norm_flex(&xs, &gs, eps);
+    record(RmsNormBackward, [&x, &gamma], (xs, gs, eps), out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::AutodiffModule;
     use burn::tensor::{Distribution, Tolerance};
 
     type Ad = Autodiff<Flex>;
@@ -366,6 +418,25 @@ mod tests {
         let direct = rope_flex(&x.clone().inner().into_primitive().tensor(), &cos.clone().inner().into_primitive().tensor(), &sin.clone().inner().into_primitive().tensor());
         assert_eq!(fused.inner().into_data(), Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(direct)).into_data());
         close(rope_heads(x.clone().inner(), &(cos.clone().inner(), sin.clone().inner())), composed.inner(), "flex rotated");
+    }
+
+    #[test]
+    fn rms_norm_matches_burns_module_with_gradients() {
+        let device = Default::default();
+        let mut norm = burn::nn::RmsNormConfig::new(40).with_epsilon(1e-6).init::<Ad>(&device);
+        norm.gamma = burn::module::Param::from_tensor(random::<Ad, 1>([40], 1.0, 16));
+        let x = random::<Ad, 3>([2, 7, 40], 2.0, 17).require_grad();
+        let w = random::<Ad, 3>([2, 7, 40], 1.0, 18);
+        let fused = rms_norm(&norm, x.clone());
+        let composed = norm.forward(x.clone());
+        let [fused_grads, composed_grads] = [fused.clone(), composed.clone()].map(|y| (y * w.clone()).sum().backward());
+        close(fused.clone().inner(), composed.clone().inner(), "normalised");
+        close(x.grad(&fused_grads).unwrap(), x.grad(&composed_grads).unwrap(), "d_x");
+        close(norm.gamma.grad(&fused_grads).unwrap(), norm.gamma.grad(&composed_grads).unwrap(), "d_gamma");
+        let gamma = norm.gamma.val().inner().into_primitive().tensor();
+        let direct = rms_norm_flex(&x.clone().inner().into_primitive().tensor(), &gamma, 1e-6);
+        assert_eq!(fused.inner().into_data(), Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(direct)).into_data());
+        close(rms_norm(&norm.valid(), x.inner()), composed.inner(), "flex normalised");
     }
 
     #[test]

@@ -204,6 +204,35 @@ pub(crate) fn rope_to_heads_backward(d_y: &[f32], cos: &[f32], sin: &[f32], d_x:
     }
 }
 
+/// RMSNorm of each row of `gamma.len()` values: `y = x · r · gamma` with
+/// `r = 1 / sqrt(mean(x²) + eps)`, as burn's `RmsNorm` (which divides by `1 / r`).
+pub(crate) fn rms_norm_into(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let n = gamma.len();
+    for (y, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+        let r = inv_rms(x, eps);
+        y.iter_mut().zip(x.iter().zip(gamma)).for_each(|(y, (x, g))| *y = x * r * g);
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+}
+
+/// Gradients of [`rms_norm_into`]: per row, `d_x = r · (d_y · gamma − x · r² · mean(d_y · gamma · x))`;
+/// `d_gamma = Σ_rows d_y · x · r` (added to `d_gamma`).
+pub(crate) fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, d_y: &[f32], d_x: &mut [f32], d_gamma: &mut [f32]) {
+    let n = gamma.len();
+    for ((x, dy), dx) in x.chunks_exact(n).zip(d_y.chunks_exact(n)).zip(d_x.chunks_exact_mut(n)) {
+        let r = inv_rms(x, eps);
+        // dx = dy · gamma first, then the correction
+        dx.iter_mut().zip(dy.iter().zip(gamma)).for_each(|(dx, (dy, g))| *dx = dy * g);
+        let inner = dot(dx, x) / n as f32;
+        let c = r * r * inner;
+        dx.iter_mut().zip(x).for_each(|(dx, x)| *dx = r * (*dx - x * c));
+        d_gamma.iter_mut().zip(dy.iter().zip(x)).for_each(|(dg, (dy, x))| *dg += dy * x * r);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -318,7 +318,7 @@ impl<B: Backend> Qwen2<B> {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, bias.clone(), layer_cache);
         }
-        self.norm.forward(x)
+        fused::rms_norm(&self.norm, x)
     }
 
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
@@ -408,8 +408,8 @@ impl<B: Backend> DecoderLayer<B> {
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, bias, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let h = x.clone() + self.self_attn.forward(fused::rms_norm(&self.input_layernorm, x), rope, bias, cache);
+        h.clone() + self.mlp.forward(fused::rms_norm(&self.post_attention_layernorm, h))
     }
 }
 
