@@ -14,10 +14,10 @@
 //! `B: Backend` and documents its shapes.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use t1_model::fused::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
+use t1_model::fused::log_softmax;
 
 /// Log-probability of each target token.
 ///

@@ -19,8 +19,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::model::{rope_angles, Inputs, MASKED};
-use crate::packed::{available, host, PackedLayer, PackedLinear};
 use crate::kernels::{dot, exp_in_place, rms_norm_into, swiglu_into};
+use crate::packed::{available, host, PackedLayer, PackedLinear};
 use crate::team::Team;
 
 /// A model's weights copied to the host for decoding on the CPU: the projections packed for

@@ -1,11 +1,16 @@
-//! Fused operations on burn-flex: SwiGLU, the attention's masked softmax and log-softmax.
+//! Fused operations on burn-flex: SwiGLU, the attention's masked softmax, RoPE, RMSNorm and
+//! log-softmax.
 //!
-//! burn 0.21 composes `silu(gate) * up`, `softmax(scores + bias)` and `log_softmax` from
-//! element-wise ops on every backend, and its autodiff records each of them: SwiGLU was six
+//! burn 0.21 composes `silu(gate) * up`, `softmax(scores + bias)`, rotate-half RoPE, RMSNorm
+//! and `log_softmax` from element-wise ops on every backend, and its autodiff records each of
+//! them: SwiGLU was six
 //! passes over the MLP's `[tokens, intermediate]` activations forward and ten backward (the
 //! sigmoid is computed twice), with libm's `expf` one value at a time (and its slow underflow
 //! path on the −1e9 attention mask). Here each is one pass forward and one backward on the
-//! host ([`crate::kernels`]), with a hand-written backward registered with burn-autodiff.
+//! host ([`crate::kernels`]), with a hand-written backward registered with burn-autodiff. The
+//! kernels run on the calling thread: on the CPU, training gets its parallelism from the
+//! data-parallel shards (`train.threads`), one thread each. NaN inputs give NaN outputs, so a
+//! diverged loss is still caught by the trainer.
 //!
 //! The model stays generic: these functions check the backend's tensor type at run time
 //! (`Any`) and take the fused path only for f32 tensors of burn-flex, with or without burn's

@@ -351,4 +351,19 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_nan_input_makes_its_row_nan() {
+        let mut x = vec![0.5f32; 40];
+        x[7] = f32::NAN;
+        let mut out = vec![0.0; 40];
+        softmax_biased(&x, &[0.0; 20], &mut out);
+        assert!(out[..20].iter().all(|v| v.is_nan()) && out[20..].iter().all(|v| v.is_finite()), "softmax: {out:?}");
+        log_softmax_rows(&x, &mut out, 20);
+        assert!(out[..20].iter().all(|v| v.is_nan()) && out[20..].iter().all(|v| v.is_finite()), "log-softmax: {out:?}");
+        rms_norm_into(&x, &[1.0; 20], 1e-6, &mut out);
+        assert!(out[..20].iter().all(|v| v.is_nan()) && out[20..].iter().all(|v| v.is_finite()), "rms norm: {out:?}");
+        swiglu_into(&x, &[1.0; 40], &mut out);
+        assert!(out[7].is_nan() && out.iter().filter(|v| v.is_nan()).count() == 1, "swiglu: {out:?}");
+    }
 }
