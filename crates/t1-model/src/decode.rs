@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::model::{rope_angles, Inputs, MASKED};
-use crate::kernels::{dot, exp_in_place, rms_norm_into, swiglu_into};
+use crate::kernels::{self, exp_in_place, rms_norm_into, swiglu_into};
 use crate::packed::{available, host, PackedLayer, PackedLinear};
 use crate::team::Team;
 
@@ -114,7 +114,13 @@ pub(crate) struct HostLayer {
     pub(crate) proj: PackedLayer,
 }
 
-/// Keys and values of the tokens seen so far, per layer `[batch][kv_heads][capacity][head_dim]`.
+/// Positions per block of the keys' layout.
+const BLOCK: usize = 16;
+
+/// Keys and values of the tokens seen so far, per layer. Values `[batch][kv_heads][capacity]
+/// [head_dim]`; keys in blocks of [`BLOCK`] positions, `[batch][kv_heads][capacity / BLOCK]
+/// [head_dim][BLOCK]`, so that the scores of a block of positions are [`BLOCK`] lanes of
+/// multiply-adds (no horizontal sums). The capacity is a multiple of [`BLOCK`].
 #[derive(Debug, Clone)]
 pub(crate) struct HostKv {
     batch: usize,
@@ -125,6 +131,12 @@ pub(crate) struct HostKv {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     /// The model's dtype, which the keys and values get back in [`Self::into_tensors`].
     dtype: DType,
+}
+
+/// Offset of element `i` of position `p` in one sequence's and kv head's blocked keys.
+#[inline(always)]
+fn key_at(p: usize, i: usize, d: usize) -> usize {
+    (p / BLOCK) * d * BLOCK + i * BLOCK + p % BLOCK
 }
 
 impl HostKv {
@@ -138,30 +150,37 @@ impl HostKv {
         dtype: DType,
     ) -> Self {
         let len = slots.first().and_then(|s| s.as_ref()).map_or(0, |(k, _)| k.dims()[2]);
-        let layers = slots
-            .iter_mut()
-            .map(|slot| match slot.take() {
-                Some((k, v)) => {
-                    assert_eq!(k.dims(), [batch, kv_heads, len, head_dim], "KV cache of another shape");
-                    (host(k), host(v))
-                }
-                None => (vec![], vec![]),
-            })
-            .collect();
-        let mut kv = Self { batch, kv_heads, head_dim, len, cap: len, layers, dtype };
+        let empty = || (vec![], vec![]);
+        let mut kv = Self { batch, kv_heads, head_dim, len: 0, cap: 0, layers: slots.iter().map(|_| empty()).collect(), dtype };
         kv.reserve(len + 1);
+        for (layer, slot) in slots.iter_mut().enumerate() {
+            if let Some((k, v)) = slot.take() {
+                assert_eq!(k.dims(), [batch, kv_heads, len, head_dim], "KV cache of another shape");
+                let (k, v, d) = (host(k), host(v), head_dim);
+                let (keys, values) = &mut kv.layers[layer];
+                for r in 0..batch * kv_heads {
+                    for p in 0..len {
+                        let at = (r * len + p) * d;
+                        for i in 0..d {
+                            keys[r * kv.cap * d + key_at(p, i, d)] = k[at + i];
+                        }
+                        values[(r * kv.cap + p) * d..][..d].copy_from_slice(&v[at..at + d]);
+                    }
+                }
+            }
+        }
+        kv.len = len;
         kv
     }
 
     /// Back to tensors, for a forward call that is not a host decoding step.
     pub(crate) fn into_tensors<B: Backend>(self, device: &B::Device) -> Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
         let shape = [self.batch, self.kv_heads, self.len, self.head_dim];
-        let (len, cap, d) = (self.len, self.cap, self.head_dim);
-        let tensor = |buf: &[f32]| {
-            let data: Vec<f32> = buf.chunks_exact(cap * d).flat_map(|c| c[..len * d].iter().copied()).collect();
-            Tensor::<B, 4>::from_data(TensorData::new(data, shape), (device, DType::F32)).cast(self.dtype)
-        };
-        self.layers.iter().map(|(k, v)| (len > 0).then(|| (tensor(k), tensor(v)))).collect()
+        let (len, cap, d, rows) = (self.len, self.cap, self.head_dim, self.batch * self.kv_heads);
+        let tensor = |data: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(data, shape), (device, DType::F32)).cast(self.dtype);
+        let keys = |buf: &[f32]| (0..rows).flat_map(|r| (0..len).flat_map(move |p| (0..d).map(move |i| buf[r * cap * d + key_at(p, i, d)]))).collect();
+        let values = |buf: &[f32]| buf.chunks_exact(cap * d).flat_map(|c| c[..len * d].iter().copied()).collect();
+        self.layers.iter().map(|(k, v)| (len > 0).then(|| (tensor(keys(k)), tensor(values(v))))).collect()
     }
 
     /// Room for `positions` positions, doubling the capacity: copies stay amortised O(1) per token.
@@ -169,19 +188,22 @@ impl HostKv {
         if positions <= self.cap {
             return;
         }
-        let cap = positions.max(2 * self.cap).max(64);
+        let cap = positions.max(2 * self.cap).max(64).next_multiple_of(BLOCK);
         let (old, d, rows) = (self.cap, self.head_dim, self.batch * self.kv_heads);
-        let len = self.len;
-        let regrow = |buf: &mut Vec<f32>| {
+        // the keys' last block may be partly filled
+        let (key_len, len) = (self.len.next_multiple_of(BLOCK), self.len);
+        let regrow = |buf: &mut Vec<f32>, len: usize| {
             let mut grown = vec![0.0; rows * cap * d];
-            for r in 0..rows {
-                grown[r * cap * d..][..len * d].copy_from_slice(&buf[r * old * d..][..len * d]);
+            if old > 0 {
+                for r in 0..rows {
+                    grown[r * cap * d..][..len * d].copy_from_slice(&buf[r * old * d..][..len * d]);
+                }
             }
             *buf = grown;
         };
         for (k, v) in &mut self.layers {
-            regrow(k);
-            regrow(v);
+            regrow(k, key_len);
+            regrow(v, len);
         }
         self.cap = cap;
     }
@@ -191,7 +213,9 @@ impl HostKv {
         let (d, cap, pos) = (self.head_dim, self.cap, self.len);
         let (keys, values) = &mut self.layers[layer];
         for (r, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
-            keys[(r * cap + pos) * d..][..d].copy_from_slice(kr);
+            for (i, x) in kr.iter().enumerate() {
+                keys[r * cap * d + key_at(pos, i, d)] = *x;
+            }
             values[(r * cap + pos) * d..][..d].copy_from_slice(vr);
         }
     }
@@ -256,38 +280,49 @@ impl HostModel {
                 let heads = g * rep * d..(g + 1) * rep * d;
                 let (qg, og) = (&q[row * width..][heads.clone()], &mut out[i * width..][heads]);
                 // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
-                unsafe { attend_group(qg, &keys[at..at + s * d], &values[at..at + s * d], mask, &mut weights, og) };
+                unsafe { attend_group(qg, &keys[at..at + s.next_multiple_of(BLOCK) * d], &values[at..at + s * d], mask, &mut weights, og) };
             }
         }
     }
 }
 
-/// The query heads `q` `[rep][d]` that share one kv head over its keys and values `[s][d]`,
-/// into `out` `[rep][d]` (zero on entry). Each key and value is read once for the `rep` heads;
-/// compiled for AVX-512 so that LLVM vectorises the dot products and the weighted sums.
+/// The query heads `q` `[rep][d]` that share one kv head over its blocked keys (`[s / BLOCK]
+/// [d][BLOCK]`, the last block partly used) and its values `[s][d]`, into `out` `[rep][d]`
+/// (zero on entry). Each key and value is read once for the `rep` heads; compiled for AVX-512
+/// so that LLVM vectorises the blocks of scores and the weighted sums.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn attend_group(q: &[f32], keys: &[f32], values: &[f32], mask: &[bool], weights: &mut [f32], out: &mut [f32]) {
     let (s, rep) = (mask.len(), weights.len() / mask.len());
     let d = q.len() / rep;
     let uniform = !mask.contains(&true);
     // weights[h * s + j]: scores, then exp(score - max)
-    for (j, (k, &real)) in keys.chunks_exact(d).zip(mask).enumerate() {
+    for (block, keys) in keys.chunks_exact(d * BLOCK).enumerate() {
+        let first = block * BLOCK;
+        let used = BLOCK.min(s - first);
         for (h, qh) in q.chunks_exact(d).enumerate() {
-            weights[h * s + j] = if uniform { dot(qh, k) + MASKED } else if real { dot(qh, k) } else { f32::NEG_INFINITY };
+            let mut acc = [0.0f32; BLOCK];
+            for (&qi, k) in qh.iter().zip(keys.chunks_exact(BLOCK)) {
+                for l in 0..BLOCK {
+                    acc[l] += qi * k[l];
+                }
+            }
+            for (l, score) in acc[..used].iter().enumerate() {
+                let j = first + l;
+                weights[h * s + j] = if uniform { score + MASKED } else if mask[j] { *score } else { f32::NEG_INFINITY };
+            }
         }
     }
-    let mut totals = vec![0.0f32; rep];
-    for (w, total) in weights.chunks_exact_mut(s).zip(&mut totals) {
-        let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for w in weights.chunks_exact_mut(s) {
+        let max = kernels::max(w);
         w.iter_mut().for_each(|x| *x -= max);
         exp_in_place(w);
-        *total = w.iter().sum();
+        let inv = 1.0 / kernels::sum(w);
+        w.iter_mut().for_each(|x| *x *= inv);
     }
     for (j, v) in values.chunks_exact(d).enumerate() {
         for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-            let w = weights[h * s + j];
-            if w != 0.0 {
-                let p = w / totals[h];
+            let p = weights[h * s + j];
+            if p != 0.0 {
                 for (o, x) in oh.iter_mut().zip(v) {
                     *o += p * x;
                 }
