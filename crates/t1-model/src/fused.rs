@@ -53,15 +53,21 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<
 /// constant `bias` `[batch, 1, len, keys]` shared by the heads (the attention mask). A bias
 /// that requires a gradient goes through burn's ops and gets it.
 pub(crate) fn masked_softmax<B: Backend>(scores: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [b, _, t, s] = scores.dims();
+    let [b, h, t, s] = scores.dims();
+    // burn's ops; the bias is repeated per head first, as burn-flex adds a broadcast operand
+    // through its (slow) strided iterator
+    let composed = |x: Tensor<B, 4>, bias: Tensor<B, 4>| {
+        let bias = if bias.dims()[1] == 1 && h > 1 { bias.repeat_dim(1, h) } else { bias };
+        softmax(x + bias, 3)
+    };
     if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 || bias.dims() != [b, 1, t, s] {
-        return softmax(scores + bias, 3);
+        return composed(scores, bias);
     }
     let inputs = [scores.into_primitive().tensor(), bias.into_primitive().tensor()];
     let ad = |[x, bias]: [AdTensor; 2]| if bias.is_tracked() { Err([x, bias]) } else { Ok(softmax_autodiff(x, &bias.primitive)) };
     match on_flex::<B, 2>(inputs, ad, |[x, bias]| softmax_flex(&x, &bias)) {
         Ok(y) => tensor(y),
-        Err([x, bias]) => softmax(tensor::<B, 4>(x) + tensor(bias), 3),
+        Err([x, bias]) => composed(tensor(x), tensor(bias)),
     }
 }
 
