@@ -10,7 +10,7 @@
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::team::Team;
 
@@ -41,18 +41,32 @@ enum Panels {
 impl PackedLinear {
     /// Packs `w` (`[k, n]`, row-major), as bf16 if `bf16` (exact for weights that are bf16).
     pub(crate) fn new(w: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>, bf16: bool) -> Self {
-        assert_eq!(w.len(), k * n, "weight of {} values is not [{k}, {n}]", w.len());
+        Self::from_blocks(&[w], k, n, bias, bf16)
+    }
+
+    /// Packs the column blocks `ws` (each `[k, nᵢ]`, row-major) side by side as one `[k, n]`
+    /// weight, `n = Σ nᵢ`, reading each block once.
+    fn from_blocks(ws: &[&[f32]], k: usize, n: usize, bias: Option<Vec<f32>>, bf16: bool) -> Self {
+        assert_eq!(ws.iter().map(|w| w.len()).sum::<usize>(), k * n, "weights of {:?} values are not [{k}, {n}]", ws.iter().map(|w| w.len()).collect::<Vec<_>>());
         if let Some(b) = &bias {
             assert_eq!(b.len(), n, "bias of {} values for {n} outputs", b.len());
         }
-        let blocks = n.div_ceil(NT);
-        let mut panels = vec![0.0; blocks * k * NT];
-        for jb in 0..blocks {
-            let cols = (n - jb * NT).min(NT);
-            for kk in 0..k {
-                let dst = (jb * k + kk) * NT;
-                panels[dst..dst + cols].copy_from_slice(&w[kk * n + jb * NT..kk * n + jb * NT + cols]);
+        let mut panels = vec![0.0; n.div_ceil(NT) * k * NT];
+        let mut first = 0; // the block's first column in the whole weight
+        for w in ws {
+            let width = w.len() / k;
+            for (kk, row) in w.chunks_exact(width).enumerate() {
+                // the row's columns first.., cut where the panels of NT columns are
+                let mut done = 0;
+                while done < width {
+                    let (panel, lane) = ((first + done) / NT, (first + done) % NT);
+                    let take = (NT - lane).min(width - done);
+                    let dst = (panel * k + kk) * NT + lane;
+                    panels[dst..dst + take].copy_from_slice(&row[done..done + take]);
+                    done += take;
+                }
             }
+            first += width;
         }
         let panels = if bf16 { Panels::Bf16(panels.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect()) } else { Panels::F32(panels) };
         Self { k, n, panels, bias }
@@ -74,22 +88,19 @@ impl PackedLinear {
     /// q/k/v, one for gate/up. A missing bias counts as zeros.
     pub(crate) fn concat<B: Backend>(linears: &[&Linear<B>], bf16: bool) -> Self {
         let k = linears[0].weight.dims()[0];
-        let outs: Vec<usize> = linears.iter().map(|l| l.weight.dims()[1]).collect();
-        let n: usize = outs.iter().sum();
-        let mut w = vec![0.0; k * n];
-        let mut bias = linears.iter().any(|l| l.bias.is_some()).then(|| Vec::with_capacity(n));
-        let mut col = 0;
-        for (l, &out) in linears.iter().zip(&outs) {
-            assert_eq!(l.weight.dims()[0], k, "concatenated projections must share their input");
-            for (kk, row) in host(l.weight.val()).chunks_exact(out).enumerate() {
-                w[kk * n + col..][..out].copy_from_slice(row);
-            }
-            if let Some(b) = &mut bias {
-                b.extend(l.bias.as_ref().map_or(vec![0.0; out], |b| host(b.val())));
-            }
-            col += out;
-        }
-        Self::new(&w, k, n, bias, bf16)
+        let n: usize = linears.iter().map(|l| l.weight.dims()[1]).sum();
+        let data: Vec<TensorData> = linears
+            .iter()
+            .map(|l| {
+                assert_eq!(l.weight.dims()[0], k, "concatenated projections must share their input");
+                l.weight.val().into_data().convert::<f32>()
+            })
+            .collect();
+        let ws: Vec<&[f32]> = data.iter().map(|d| d.as_slice::<f32>().expect("f32 data")).collect();
+        let bias = linears.iter().any(|l| l.bias.is_some()).then(|| {
+            linears.iter().flat_map(|l| l.bias.as_ref().map_or(vec![0.0; l.weight.dims()[1]], |b| host(b.val()))).collect()
+        });
+        Self::from_blocks(&ws, k, n, bias, bf16)
     }
 
     /// `x` `[m, k]` (row-major) → `[m, n]`. Only on a CPU with AVX-512 ([`available`]).
@@ -383,5 +394,29 @@ mod speed {
                 }
             }
         });
+    }
+
+    #[test]
+    fn blocks_side_by_side_pack_as_their_concatenation() {
+        // widths that cut panels anywhere; each block row-major [k, width]
+        let (k, widths) = (5, [40, 30, 5, 32]);
+        let n: usize = widths.iter().sum();
+        let whole: Vec<f32> = (0..k * n).map(|i| i as f32).collect(); // [k, n]
+        let mut blocks = vec![];
+        let mut first = 0;
+        for w in widths {
+            blocks.push((0..k).flat_map(|kk| whole[kk * n + first..kk * n + first + w].to_vec()).collect::<Vec<f32>>());
+            first += w;
+        }
+        let refs: Vec<&[f32]> = blocks.iter().map(Vec::as_slice).collect();
+        let packed = PackedLinear::from_blocks(&refs, k, n, None, false);
+        // the reference: column j of row kk at panel j / NT, lane j % NT
+        let mut want = vec![0.0; n.div_ceil(NT) * k * NT];
+        for kk in 0..k {
+            for j in 0..n {
+                want[((j / NT) * k + kk) * NT + j % NT] = whole[kk * n + j];
+            }
+        }
+        assert_eq!(packed.f32_panels(), want.as_slice());
     }
 }
