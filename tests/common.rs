@@ -38,7 +38,6 @@ pub fn to_vec<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
+/// Largest |a − b|; +∞ when either side has a NaN or an infinity, so every bound fails on them.
+#[allow(unused_imports)]
+pub use t1_model::compare::{max_abs, max_abs_diff, max_rel_diff, same_bits};

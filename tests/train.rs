@@ -121,7 +121,9 @@ pub fn rl_config(data: &Path, model: &Path, out: &Path, steps: usize) -> RlConfi
         "sampling.max_new_tokens=24".into(),
         "optim.lr=1e-3".into(),
         "loss.entropy_coef=0.01".into(),
-        "loss.kl_in=\"loss\"".into(),
+        // T1's path: the KL (k3) in the reward, centred leave-one-out in each group
+        "loss.kl_in=\"reward\"".into(),
+        "loss.kl_on_policy_normalize=true".into(),
         "loss.kl_coef=0.1".into(),
         "loss.minibatches=1".into(),
         "anchor.mode=\"ema\"".into(),
@@ -146,7 +148,8 @@ fn one_rl_step_changes_every_parameter_and_resume_is_exact() {
     let out = run.path().join("rl");
     let cfg = rl_config(data.path(), &start, &out, 3);
     t1_train::rl::run_rl::<Flex>(&cfg, "", false, &Default::default()).unwrap();
-    // the entropy and KL terms give every token a gradient, so every parameter moves
+    // the entropy term gives every token a gradient, so every parameter moves (the direction
+    // of the update is checked by t1_train::rl's an_rl_step_raises_the_rewarded_responses...)
     let before = params(&load(&start));
     let after = params(&load(&out.join("checkpoint-000001")));
     let names: Vec<String> = hf::named_tensors(&load(&start)).into_iter().map(|(n, _)| n).collect();
@@ -180,28 +183,100 @@ fn one_rl_step_changes_every_parameter_and_resume_is_exact() {
     );
 }
 
-/// Largest |a - b| over all parameters, relative to the largest |a|.
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    let scale = a.iter().flatten().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().flatten().zip(b.iter().flatten()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+
+/// Every parameter's gradient in `grads` (module order), or an empty vector where it has none.
+fn grad_values<B: burn::tensor::backend::AutodiffBackend>(model: &t1_model::Qwen2<B>, grads: &burn::optim::GradientsParams) -> Vec<Vec<f32>> {
+    struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<Vec<f32>>);
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.1.push(self.0.get::<B::InnerBackend, D>(p.id).map(to_vec).unwrap_or_default());
+        }
+    }
+    let mut c = Collect(grads, vec![]);
+    model.visit(&mut c);
+    c.1
+}
+
+/// A tiny random model (seeded) and a function that pads examples `r` of the tiny task.
+fn tiny_sft_setup() -> (t1_model::Qwen2<Flex>, impl Fn(std::ops::Range<usize>) -> t1_data::SftBatch) {
+    let data = tempfile::tempdir().unwrap();
+    tiny_task(data.path());
+    let tokenizer = t1_data::ChatTokenizer::from_file(&data.path().join("tokenizer.json")).unwrap();
+    let (examples, _) = t1_train::sft::tokenize_sft(&tokenizer, &data.path().join("sft.jsonl"), 256, false).unwrap();
+    let device = Default::default();
+    <Flex as Backend>::seed(&device, 5);
+    let mut config = t1_model::Qwen2Config::tiny(tokenizer.vocab_size(), 32, 2, 4, 2);
+    config.initializer_range = 0.1;
+    let pad = tokenizer.pad_id();
+    (t1_model::Qwen2::<Flex>::init(&config, &device), move |r: std::ops::Range<usize>| t1_data::pad_batch(&examples[r].iter().collect::<Vec<_>>(), pad))
 }
 
 #[test]
-fn sft_step_is_the_same_with_threads_and_micro_batches() {
-    // one step on 8 examples: as one batch on one thread, as 2 micro-batches of 4 on 2
-    // threads each; the loss is the token mean over the whole step either way
-    let data = tempfile::tempdir().unwrap();
-    tiny_task(data.path());
-    let run = tempfile::tempdir().unwrap();
-    let mut one = sft_config(data.path(), &run.path().join("one"), 2);
-    one.train.save_every = 0;
-    let mut split = one.clone();
-    split.out_dir = run.path().join("split");
-    (split.train.batch_size, split.train.grad_accum, split.train.threads) = (4, 2, 2);
-    for cfg in [&one, &split] {
-        t1_train::sft::run_sft::<Flex>(cfg, "", false, &Default::default()).unwrap();
+fn clip_global_norm_scales_every_gradient_to_the_max_norm() {
+    use t1_train::common::clip_global_norm;
+    let (model, batch) = tiny_sft_setup();
+    let grads = || burn::optim::GradientsParams::from_grads(t1_train::sft::sft_loss(&model, &batch(0..4)).backward(), &model);
+    let raw = grad_values(&model, &grads());
+    let want_norm = raw.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    let n: usize = raw.iter().map(|g| g.len()).sum();
+    let bound = 4.0 * f32::EPSILON * n as f32;
+    // off (0) and above the norm: unchanged, the norm reported
+    for max_norm in [0.0, 2.0 * want_norm] {
+        let (clipped, norm) = clip_global_norm(&model, grads(), max_norm);
+        assert!((norm - want_norm).abs() <= bound * want_norm, "norm {norm} vs {want_norm}");
+        for (c, r) in grad_values(&model, &clipped).iter().zip(&raw) {
+            assert!(same_bits(c, r), "max_norm {max_norm}: a gradient changed");
+        }
     }
-    let (a, b) = (params(&load(&one.out_dir.join("final"))), params(&load(&split.out_dir.join("final"))));
-    let diff = max_rel_diff(&a, &b);
-    assert!(diff < 1e-4, "sharded SFT differs by {diff:e} (relative)");
+    // below: every entry scaled by the same factor, to a global norm of max_norm
+    let max_norm = want_norm / 4.0;
+    let (clipped, norm) = clip_global_norm(&model, grads(), max_norm);
+    assert!((norm - want_norm).abs() <= bound * want_norm);
+    let scale = max_norm / (norm + 1e-6);
+    let clipped = grad_values(&model, &clipped);
+    for (c, r) in clipped.iter().zip(&raw) {
+        let scaled: Vec<f32> = r.iter().map(|g| g * scale).collect();
+        assert!(max_abs_diff(c, &scaled) <= 4.0 * f32::EPSILON * max_abs(&scaled), "a gradient is not scaled by {scale}");
+    }
+    let new_norm = clipped.iter().flatten().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    assert!((new_norm - max_norm).abs() <= bound * max_norm, "clipped norm {new_norm} vs {max_norm}");
+    // a non-finite gradient: the norm says so (the loops then skip the step)
+    let nan = burn::optim::GradientsParams::from_grads(t1_train::sft::sft_loss(&model, &batch(0..4)).mul_scalar(f32::NAN).backward(), &model);
+    assert!(clip_global_norm(&model, nan, 1.0).1.is_nan());
+}
+
+#[test]
+fn sft_gradients_are_the_same_with_threads_and_micro_batches() {
+    // one step on 8 examples: the gradient of the batch's mean NLL computed directly, and by
+    // `step_grads` as one shard, as 2 micro-batches of 2 shards, and as uneven micro-batches
+    // (3 + 3 + 2 on 1, 2 and 2 shards): before the optimiser, parameter by parameter, so a
+    // mis-scaled gradient (that AdamW and clipping would cancel) fails
+    let (model, batch) = tiny_sft_setup();
+    let whole = t1_train::sft::sft_loss(&model, &batch(0..8));
+    let tokens = batch(0..8).target_mask.iter().filter(|&&m| m).count();
+    let want_loss = to_vec(whole.clone())[0];
+    let want = grad_values(&model, &burn::optim::GradientsParams::from_grads(whole.backward(), &model));
+    // f32 sums of up to `tokens` terms in another order: a few ulps per term, relative to each
+    // parameter's largest gradient entry
+    let bound = 4.0 * f32::EPSILON * tokens as f32;
+    let splits: Vec<(&str, Vec<Vec<std::ops::Range<usize>>>)> = vec![
+        ("one shard", vec![vec![0..8]]),
+        ("2 micro-batches x 2 shards", vec![vec![0..2, 2..4], vec![4..6, 6..8]]),
+        ("3 + 3 + 2 on 1, 2, 2 shards", vec![vec![0..3], vec![3..4, 4..6], vec![6..7, 7..8]]),
+    ];
+    for (what, split) in splits {
+        let micro = split.into_iter().map(|shards| shards.into_iter().map(&batch).collect()).collect();
+        let (grads, loss) = t1_train::sft::step_grads(&model, micro);
+        assert!((loss - want_loss).abs() <= bound * want_loss.abs(), "{what}: loss {loss} vs {want_loss}");
+        let got = grad_values(&model, &grads);
+        assert_eq!(got.len(), want.len());
+        let mut worst = 0f32;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(!w.is_empty(), "parameter {i} has no gradient");
+            let rel = max_rel_diff(w, g, 1e-30);
+            assert!(rel <= bound, "{what}: parameter {i}'s gradient differs by {rel:.3e} of its largest entry (bound {bound:.3e})");
+            worst = worst.max(rel);
+        }
+        println!("{what}: worst gradient difference {worst:.3e} of the parameter's largest entry (bound {bound:.3e})");
+    }
 }

@@ -82,6 +82,18 @@ fn aggregation_modes_by_hand() {
 }
 
 #[test]
+fn masked_mean_by_hand() {
+    // (1 + 3 + 6) / 3 over the mask's ones; the masked-out 100 does not count
+    let x = t2(&[1.0, 100.0, 3.0, 6.0], 2, 2);
+    close(&vals(masked_mean(x.clone(), t2(&[1.0, 0.0, 1.0, 1.0], 2, 2))), &[10.0 / 3.0], 1e-6);
+    // an empty mask gives 0, not NaN
+    close(&vals(masked_mean(x, t2(&[0.0; 4], 2, 2))), &[0.0], 0.0);
+    // a NaN in a masked-out position is multiplied by 0 and still poisons the sum: visible, not hidden
+    let nan = vals(masked_mean(t2(&[1.0, f32::NAN], 1, 2), t2(&[1.0, 0.0], 1, 2)));
+    assert!(nan[0].is_nan(), "{nan:?}");
+}
+
+#[test]
 fn ema_anchor_moves_the_reference_towards_the_policy() {
     use burn::nn::{Linear, LinearConfig};
     let device = Default::default();

@@ -117,13 +117,13 @@ pub fn crosscheck(devices: &[t1_backends::DeviceSpec], model: Option<&Path>, bat
     let mut failed = false;
     for other in &devices[1..] {
         let values = t1_backends::dispatch(other, CrossCompute { case: case.clone() })?;
-        let rows = compare(&reference, &values);
+        let rows = compare(&case, &reference, &values);
         println!("{} vs {}", devices[0], other);
         println!("{:<44} {:>12} {:>12} {:>12}  result", "quantity", "max |diff|", "max rel", "allowed");
         // per-parameter rows are summarised by their worst entry unless --verbose
         let mut shown: Vec<t1_train::crosscheck::Row> = vec![];
         for row in rows {
-            let group = if verbose { None } else { ["grad/", "adamw_step/"].into_iter().find(|g| row.quantity.starts_with(g)) };
+            let group = if verbose { None } else { ["param/", "grad/", "adamw_update/"].into_iter().find(|g| row.quantity.starts_with(g)) };
             match group {
                 Some(g) => {
                     let name = format!("{g}* (every parameter)");

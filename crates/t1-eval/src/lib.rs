@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use t1_data::{ChatTokenizer, Problem};
 use t1_model::Qwen2;
 use t1_reward::GraderConfig;
-use t1_train::{generate_sharded, SamplingConfig};
+use t1_train::{generate_sharded, Rollout, SamplingConfig};
 
 /// How the evaluation runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,61 +83,101 @@ pub struct EvalReport {
     pub results: Vec<BudgetResult>,
 }
 
-/// Runs the budget sweep for one model.
+/// Runs the budget sweep for one model: [`sweep`] with the model's seeded generator
+/// ([`generate_sharded`], one ChaCha stream from `cfg.seed` for every call, in call order).
 pub fn evaluate<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> EvalReport {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let (eos, pad) = (tokenizer.eos_id(), tokenizer.pad_id());
+    let generate = |prompts: &[Vec<u32>], sampling: &SamplingConfig| generate_sharded(model, prompts, sampling, &[eos], pad, &mut rng, cfg.threads);
+    sweep(generate, tokenizer, problems, cfg, name)
+}
+
+/// The budget sweep of [`evaluate`] with the model behind `generate(prompts, sampling)`, which
+/// returns one rollout per prompt, ending at the tokenizer's EOS or after
+/// `sampling.max_new_tokens` tokens. It is called first on the prompts (each problem's prompt
+/// `cfg.samples` times, in batches of `cfg.batch`) at the largest budget with
+/// `cfg.temperature`, then, budget by budget, greedily on the responses to force.
+pub fn sweep(
+    mut generate: impl FnMut(&[Vec<u32>], &SamplingConfig) -> Vec<Rollout>,
+    tokenizer: &ChatTokenizer,
+    problems: &[Problem],
+    cfg: &EvalConfig,
+    name: &str,
+) -> EvalReport {
     let max_budget = cfg.budgets.iter().copied().max().unwrap_or(1).max(1);
     let sampling = SamplingConfig { temperature: cfg.temperature, top_p: 1.0, top_k: 0, max_new_tokens: max_budget };
-    let eos = tokenizer.eos_id();
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let prompts: Vec<Vec<u32>> = problems.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), cfg.samples)).collect();
     let bar = indicatif::ProgressBar::new((prompts.len() * (1 + cfg.budgets.len())) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("template"));
     let mut full = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(cfg.batch.max(1)) {
-        full.extend(generate_sharded(model, chunk, &sampling, &[eos], tokenizer.pad_id(), &mut rng, cfg.threads));
+        full.extend(generate(chunk, &sampling));
         bar.inc(chunk.len() as u64);
     }
-    let cue = tokenizer.encode(&cfg.forced_answer_cue);
-    let answer_cfg = SamplingConfig::greedy(cfg.answer_tokens.max(1));
     let mut results = vec![];
     for &budget in &cfg.budgets {
-        // responses that finished within the budget are kept; the others are cut and forced
-        let mut texts: Vec<String> = vec![String::new(); full.len()];
-        let mut used = vec![0usize; full.len()];
-        let mut forced_idx = vec![];
-        for (i, r) in full.iter().enumerate() {
-            let finished = r.tokens.len() <= budget && r.tokens.last() == Some(&eos);
-            if finished {
-                texts[i] = tokenizer.decode(&r.tokens);
-                used[i] = r.tokens.len();
-            } else {
-                forced_idx.push(i);
-                used[i] = budget.min(r.tokens.len());
-            }
-        }
-        for chunk in forced_idx.chunks(cfg.batch.max(1)) {
-            let inputs: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|&i| prompts[i].iter().chain(&full[i].tokens[..used[i]]).chain(&cue).copied().collect())
-                .collect();
-            let answers = generate_sharded(model, &inputs, &answer_cfg, &[eos], tokenizer.pad_id(), &mut rng, cfg.threads);
-            for (&i, a) in chunk.iter().zip(&answers) {
-                let mut ids = full[i].tokens[..used[i]].to_vec();
-                ids.extend(&cue);
-                ids.extend(&a.tokens);
-                texts[i] = tokenizer.decode(&ids);
-            }
-        }
+        let read = read_off(&mut generate, tokenizer, &prompts, &full, budget, cfg);
         bar.inc(prompts.len() as u64);
-        let grades: Vec<t1_reward::Grade> = texts
+        let grades: Vec<t1_reward::Grade> = read
             .iter()
             .enumerate()
-            .map(|(i, t)| t1_reward::grade(t, &problems[i / cfg.samples].answer, &cfg.grader))
+            .map(|(i, r)| t1_reward::grade(&r.text, &problems[i / cfg.samples].answer, &cfg.grader))
             .collect();
-        results.push(summarise(budget, &grades, &used, forced_idx.len(), cfg.samples, problems, &cfg.grader));
+        let used: Vec<usize> = read.iter().map(|r| r.used).collect();
+        let forced = read.iter().filter(|r| r.forced).count();
+        results.push(summarise(budget, &grades, &used, forced, cfg.samples, problems, &cfg.grader));
     }
     bar.finish_and_clear();
     EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results }
+}
+
+/// One response as read off at a budget.
+#[derive(Debug, Clone, PartialEq)]
+struct AtBudget {
+    /// What is graded: the response, or its first `used` tokens + the cue + the forced answer.
+    text: String,
+    /// Reasoning tokens used (≤ budget).
+    used: usize,
+    /// Whether the answer was forced.
+    forced: bool,
+}
+
+/// The responses `full` (to `prompts`, generated at the largest budget) as they are at
+/// `budget`: one that ended with EOS within the budget is kept as is; any other is cut at the
+/// budget, `cfg.forced_answer_cue` is appended, and `generate` continues it greedily for
+/// `cfg.answer_tokens` (one call per `cfg.batch` cut responses, in order).
+fn read_off(
+    generate: &mut impl FnMut(&[Vec<u32>], &SamplingConfig) -> Vec<Rollout>,
+    tokenizer: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    full: &[Rollout],
+    budget: usize,
+    cfg: &EvalConfig,
+) -> Vec<AtBudget> {
+    let eos = tokenizer.eos_id();
+    let mut out: Vec<AtBudget> = full
+        .iter()
+        .map(|r| {
+            let finished = r.tokens.len() <= budget && r.tokens.last() == Some(&eos);
+            let used = if finished { r.tokens.len() } else { budget.min(r.tokens.len()) };
+            let text = if finished { tokenizer.decode(&r.tokens) } else { String::new() };
+            AtBudget { text, used, forced: !finished }
+        })
+        .collect();
+    let forced: Vec<usize> = (0..out.len()).filter(|&i| out[i].forced).collect();
+    let cue = tokenizer.encode(&cfg.forced_answer_cue);
+    let answer_cfg = SamplingConfig::greedy(cfg.answer_tokens.max(1));
+    for chunk in forced.chunks(cfg.batch.max(1)) {
+        // the response so far and the cue: the model continues its own reasoning
+        let cut: Vec<Vec<u32>> = chunk.iter().map(|&i| full[i].tokens[..out[i].used].iter().chain(&cue).copied().collect()).collect();
+        let inputs: Vec<Vec<u32>> = chunk.iter().zip(&cut).map(|(&i, c)| prompts[i].iter().chain(c).copied().collect()).collect();
+        let answers = generate(&inputs, &answer_cfg);
+        for ((&i, mut ids), a) in chunk.iter().zip(cut).zip(&answers) {
+            ids.extend(&a.tokens);
+            out[i].text = tokenizer.decode(&ids);
+        }
+    }
+    out
 }
 
 /// Accuracy, pass@n and majority vote from the grades of `samples` responses per problem.
@@ -179,10 +219,20 @@ pub fn write_csv(path: &Path, reports: &[EvalReport]) -> std::io::Result<()> {
     let mut s = String::from("model,budget,accuracy,pass_at_n,majority_accuracy,mean_tokens,forced_fraction\n");
     for r in reports {
         for b in &r.results {
-            s += &format!("{},{},{},{},{},{},{}\n", r.model, b.budget, b.accuracy, b.pass_at_n, b.majority_accuracy, b.mean_tokens, b.forced_fraction);
+            s += &format!("{},{},{},{},{},{},{}\n", csv_field(&r.model), b.budget, b.accuracy, b.pass_at_n, b.majority_accuracy, b.mean_tokens, b.forced_fraction);
         }
     }
     std::fs::write(path, s)
+}
+
+/// `field` as one CSV field (RFC 4180): in double quotes, its quotes doubled, when it holds a
+/// comma, a quote or a line break (a model directory named `lr=1e-5,bs=8`).
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_string()
+    }
 }
 
 /// One line chart as SVG: x values (log2 scale when `log_x`), one series per name.
@@ -242,6 +292,197 @@ mod tests {
         Grade { correct, extracted: e.map(String::from) }
     }
 
+    /// A directory of this test process named after `test` (no dev-dependency for a temporary one).
+    fn temp_dir(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("t1-eval-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A byte-level tokenizer without merges: every ASCII character is one token.
+    fn char_tokenizer() -> ChatTokenizer {
+        let tok = t1_data::train_bpe(&["0123456789".to_string()], 259).unwrap();
+        assert_eq!(tok.encode("\\boxed{7} so").len(), 12, "one token per character");
+        tok
+    }
+
+    /// A stand-in for the model. The first calls (the sweep's generation at the largest budget)
+    /// answer the prompts in turn with `responses`, later ones (the forced answers) every input
+    /// with `answer`; each is cut as the real generator cuts, after its first EOS or after
+    /// `max_new_tokens`. Every call's inputs and sampling are recorded.
+    struct Script {
+        eos: u32,
+        responses: Vec<Vec<u32>>,
+        answer: Vec<u32>,
+        served: usize,
+        calls: Vec<(Vec<Vec<u32>>, SamplingConfig)>,
+    }
+
+    impl Script {
+        fn new(tok: &ChatTokenizer, responses: &[&str], answer: &str) -> Self {
+            Self { eos: tok.eos_id(), responses: responses.iter().map(|r| ids(tok, r)).collect(), answer: ids(tok, answer), served: 0, calls: vec![] }
+        }
+
+        fn generate(&mut self, prompts: &[Vec<u32>], sampling: &SamplingConfig) -> Vec<Rollout> {
+            self.calls.push((prompts.to_vec(), sampling.clone()));
+            let mut out = vec![];
+            for _ in prompts {
+                let script = if self.served < self.responses.len() { &self.responses[self.served] } else { &self.answer };
+                self.served += 1;
+                let end = script.iter().position(|&t| t == self.eos).map_or(script.len(), |i| i + 1).min(sampling.max_new_tokens);
+                let tokens = script[..end].to_vec();
+                out.push(Rollout { truncated: tokens.last() != Some(&self.eos), logprobs: vec![0.0; tokens.len()], tokens });
+            }
+            out
+        }
+    }
+
+    /// `text` as tokens, `<eos>` standing for the EOS token.
+    fn ids(tok: &ChatTokenizer, text: &str) -> Vec<u32> {
+        let mut out = vec![];
+        for (i, part) in text.split("<eos>").enumerate() {
+            if i > 0 {
+                out.push(tok.eos_id());
+            }
+            out.extend(tok.encode(part));
+        }
+        out
+    }
+
+    const CUE: &str = " \\boxed{";
+
+    /// Two problems (answers 7 and 8), two samples each, budgets 4 and 10; the responses are
+    /// - r0 (7): `12<eos>`, 3 tokens: finished within both budgets, no answer;
+    /// - r1 (7): 13 digits, cut at 10 by `max_new_tokens`: forced at both budgets;
+    /// - r2 (8): `\boxed{8}<eos>`, exactly 10 tokens: forced at 4, finished at 10;
+    /// - r3 (8): `123<eos>`, exactly 4 tokens: finished at both budgets.
+    ///
+    /// Every forced answer is `7}<eos>`.
+    fn two_problems() -> (ChatTokenizer, Vec<Problem>, EvalConfig, Script) {
+        let tok = char_tokenizer();
+        let problems = vec![Problem { prompt: "Compute 3 + 4.".into(), answer: "7".into() }, Problem { prompt: "Compute 2 * 4.".into(), answer: "8".into() }];
+        let cfg = EvalConfig { budgets: vec![4, 10], samples: 2, temperature: 0.7, forced_answer_cue: CUE.into(), ..Default::default() };
+        let script = Script::new(&tok, &["12<eos>", "1234567890123", "\\boxed{8}<eos>", "123<eos>"], "7}<eos>");
+        (tok, problems, cfg, script)
+    }
+
+    fn result(budget: usize, accuracy: f32, pass_at_n: f32, majority_accuracy: f32, mean_tokens: f32, forced_fraction: f32) -> BudgetResult {
+        BudgetResult { budget, accuracy, pass_at_n, majority_accuracy, mean_tokens, forced_fraction }
+    }
+
+    #[test]
+    fn sweep_cuts_at_the_budget_and_forces_only_unfinished_responses() {
+        let (tok, problems, cfg, mut script) = two_problems();
+        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        // budget 4: r1 and r2 forced (cut at 4); r1's forced 7 is right, r2's is wrong; r0, r3 kept
+        // (3 and 4 tokens) without an answer. maj: problem 7 votes 7 (right), problem 8 votes 7.
+        // budget 10: r1 forced at 10 tokens (right); r2 kept, 10 tokens, right.
+        let want = vec![result(4, 0.25, 0.5, 0.5, (3 + 4 + 4 + 4) as f32 / 4.0, 0.5), result(10, 0.5, 1.0, 1.0, (3 + 10 + 10 + 4) as f32 / 4.0, 0.25)];
+        assert_eq!(report, EvalReport { model: "m".into(), problems: 2, samples: 2, temperature: 0.7, results: want });
+    }
+
+    #[test]
+    fn sweep_generates_once_then_forces_from_the_cut_response_and_the_cue() {
+        let (tok, problems, cfg, mut script) = two_problems();
+        sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        let (p0, p1) = (tok.encode_prompt("Compute 3 + 4."), tok.encode_prompt("Compute 2 * 4."));
+        let input = |prompt: &[u32], response: &str| [prompt, &tok.encode(response), &tok.encode(CUE)].concat();
+        let sampling = SamplingConfig { temperature: 0.7, top_p: 1.0, top_k: 0, max_new_tokens: 10 };
+        let forced = SamplingConfig::greedy(cfg.answer_tokens);
+        let want = vec![
+            (vec![p0.clone(), p0.clone(), p1.clone(), p1.clone()], sampling),
+            (vec![input(&p0, "1234"), input(&p1, "\\box")], forced.clone()),
+            (vec![input(&p0, "1234567890")], forced),
+        ];
+        assert_eq!(script.calls, want);
+    }
+
+    #[test]
+    fn forced_text_is_the_cut_response_the_cue_and_the_answer() {
+        let (tok, problems, cfg, mut script) = two_problems();
+        let prompts: Vec<Vec<u32>> = problems.iter().flat_map(|p| [tok.encode_prompt(&p.prompt), tok.encode_prompt(&p.prompt)]).collect();
+        let mut generate = |p: &[Vec<u32>], s: &SamplingConfig| script.generate(p, s);
+        let full = generate(&prompts, &SamplingConfig::greedy(10));
+        let at = |text: &str, used, forced| AtBudget { text: text.into(), used, forced };
+        let read = read_off(&mut generate, &tok, &prompts, &full, 4, &cfg);
+        assert_eq!(read, vec![at("12", 3, false), at("1234 \\boxed{7}", 4, true), at("\\box \\boxed{7}", 4, true), at("123", 4, false)]);
+        let read = read_off(&mut generate, &tok, &prompts, &full, 10, &cfg);
+        assert_eq!(read, vec![at("12", 3, false), at("1234567890 \\boxed{7}", 10, true), at("\\boxed{8}", 10, false), at("123", 4, false)]);
+        // the forced answer is cut at answer_tokens
+        let read = read_off(&mut generate, &tok, &prompts, &full, 10, &EvalConfig { answer_tokens: 1, ..cfg });
+        assert_eq!(read[1].text, "1234567890 \\boxed{7");
+    }
+
+    #[test]
+    fn batches_do_not_change_the_sweep() {
+        let (tok, problems, cfg, mut script) = two_problems();
+        let whole = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        let (_, _, _, mut one_by_one) = two_problems();
+        let cfg = EvalConfig { batch: 1, ..cfg };
+        assert_eq!(sweep(|p, s| one_by_one.generate(p, s), &tok, &problems, &cfg, "m"), whole);
+        // 4 prompts, then 2 and 1 forced answers, one per call
+        assert_eq!(one_by_one.calls.len(), 4 + 2 + 1);
+        assert!(one_by_one.calls.iter().all(|(p, _)| p.len() == 1));
+        let inputs = |s: &Script| s.calls.iter().flat_map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        assert_eq!(inputs(&one_by_one), inputs(&script));
+    }
+
+    #[test]
+    fn majority_vote_ties_go_to_the_first_seen_answer() {
+        let grades = |answers: &[Option<&str>]| answers.iter().map(|&a| g(false, a)).collect::<Vec<_>>();
+        let vote = |answers: &[Option<&str>]| majority_answer(&grades(answers));
+        // every order of four different answers (a HashMap's order changes with each map)
+        let mut order = ["1", "2", "3", "4"];
+        for _ in 0..24 {
+            let answers: Vec<Option<&str>> = order.iter().map(|&a| Some(a)).collect();
+            assert_eq!(vote(&answers).as_deref(), Some(order[0]), "{order:?}");
+            next_permutation(&mut order);
+        }
+        // two answers twice each and one once, in every order: the pair seen first wins
+        let mut order = ["1", "1", "2", "2", "3"];
+        for _ in 0..30 {
+            let answers: Vec<Option<&str>> = order.iter().map(|&a| Some(a)).collect();
+            let first = *order.iter().find(|&&a| a != "3").unwrap();
+            assert_eq!(vote(&answers).as_deref(), Some(first), "{order:?}");
+            next_permutation(&mut order);
+        }
+        // counts beat order, after normalisation; responses without an answer do not vote
+        assert_eq!(vote(&[Some("5"), Some(" 4"), Some("4")]).as_deref(), Some("4"));
+        assert_eq!(vote(&[None, Some("9"), None, Some("8")]).as_deref(), Some("9"));
+        assert_eq!(vote(&[None, None]), None);
+        assert_eq!(vote(&[]), None);
+    }
+
+    /// Steps `xs` to its next lexicographic permutation (the first after the last).
+    fn next_permutation<T: Ord>(xs: &mut [T]) {
+        let Some(i) = (1..xs.len()).rev().find(|&i| xs[i - 1] < xs[i]) else {
+            xs.reverse();
+            return;
+        };
+        let j = (i..xs.len()).rev().find(|&j| xs[j] > xs[i - 1]).expect("xs[i] is larger");
+        xs.swap(i - 1, j);
+        xs[i..].reverse();
+    }
+
+    #[test]
+    fn csv_has_a_header_and_a_row_per_model_and_budget() {
+        let path = temp_dir("csv").join("eval.csv");
+        let report = |model: &str, results| EvalReport { model: model.into(), problems: 2, samples: 2, temperature: 0.0, results };
+        let reports = [
+            report("sft/final", vec![result(4, 0.25, 0.5, 0.5, 3.75, 0.5), result(10, 0.5, 1.0, 1.0, 6.75, 0.25)]),
+            report("lr=1e-5,bs=8/final", vec![result(4, 0.0, 0.0, 0.0, 4.0, 1.0)]),
+        ];
+        write_csv(&path, &reports).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "model,budget,accuracy,pass_at_n,majority_accuracy,mean_tokens,forced_fraction\n\
+             sft/final,4,0.25,0.5,0.5,3.75,0.5\n\
+             sft/final,10,0.5,1,1,6.75,0.25\n\
+             \"lr=1e-5,bs=8/final\",4,0,0,0,4,1\n"
+        );
+        assert_eq!(csv_field("a\"b"), "\"a\"\"b\"");
+    }
+
     #[test]
     fn pass_and_majority_by_hand() {
         let problems = vec![Problem { prompt: "a".into(), answer: "3".into() }, Problem { prompt: "b".into(), answer: "5".into() }];
@@ -257,9 +498,7 @@ mod tests {
 
     #[test]
     fn plots_an_svg() {
-        let dir = std::env::temp_dir().join(format!("t1-eval-plot-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("p.svg");
+        let path = temp_dir("plot").join("p.svg");
         let rep = EvalReport {
             model: "m".into(),
             problems: 1,

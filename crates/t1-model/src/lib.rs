@@ -3,6 +3,7 @@
 //!
 //! **Architecture invariant:** this crate names no concrete backend.
 
+pub mod compare;
 mod config;
 mod decode;
 pub mod fused;

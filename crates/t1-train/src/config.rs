@@ -96,7 +96,16 @@ mod tests {
         assert_eq!(c, Run { train: Train { lr: 0.5, steps: 0 }, name: "abc".into() });
         let err = load_config::<Run>(None, &["train.lrr=0.5".into()]).unwrap_err().to_string();
         assert!(err.contains("lrr") && err.contains("--set"), "{err}");
+        // a bad value names the override that brought it and what was wrong with it
         let err = load_config::<Run>(None, &["train.steps=-3".into()]).unwrap_err().to_string();
-        assert!(err.contains("steps") || err.contains("invalid"), "{err}");
+        assert!(err.contains("--set train.steps=-3") && err.contains("invalid value") && err.contains("usize"), "{err}");
+        // the file's own errors name the file and the key
+        let dir = std::env::temp_dir().join(format!("t1-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, "[train]\nsteps = \"many\"\n").unwrap();
+        let err = load_config::<Run>(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("run.toml") && err.contains("steps") && err.contains("invalid type"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -256,7 +256,10 @@ struct Sample {
     group: usize,
     prompt: Vec<u32>,
     rollout: Rollout,
+    /// The reward used for training: the grader's score, or the penalty value when penalised.
     reward: f32,
+    /// The grader's score before penalties (1 correct, 0 not).
+    score: f32,
     correct: bool,
     penalties: t1_reward::Penalties,
 }
@@ -355,34 +358,9 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
         let adv = compute_advantages(cfg, &samples, &kl_seq);
         // 4. updates
-        let norm_len = if cfg.loss.agg_norm_len > 0 { cfg.loss.agg_norm_len } else { cfg.sampling.max_new_tokens } as f32;
-        let mut order: Vec<usize> = (0..batch.rows).collect();
-        let (mut clip_sum, mut ent_sum, mut loss_sum, mut n_updates, mut bad_updates) = (0.0, 0.0, 0.0, 0, 0usize);
-        for _epoch in 0..cfg.loss.epochs {
-            order.shuffle(&mut rng);
-            let per = batch.rows.div_ceil(cfg.loss.minibatches);
-            for rows in order.chunks(per) {
-                // the minibatch's normaliser, so that the shards' losses add up to its loss
-                let mask: Vec<f32> = rows.iter().flat_map(|&r| batch.mask[r * batch.len..(r + 1) * batch.len].to_vec()).collect();
-                let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
-                let shards: Vec<&[usize]> = crate::parallel::split_even(rows.len(), t.threads).into_iter().map(|r| &rows[r]).collect();
-                let (grads, loss_v, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
-                    let (loss, clip_frac, entropy) = minibatch_loss(cfg, m, &batch, rows, &old_logp, &ref_logp, &adv, norm);
-                    (loss, (clip_frac, entropy))
-                });
-                let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
-                let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
-                if !loss_v.is_finite() || !norm.is_finite() {
-                    bad_updates += 1;
-                    continue;
-                }
-                policy = optim.step(lr, policy, grads);
-                clip_sum += clip_frac;
-                ent_sum += entropy;
-                loss_sum += loss_v;
-                n_updates += 1;
-            }
-        }
+        let (next, u) = update_policy(cfg, policy, &mut optim, &batch, &old_logp, &ref_logp, &adv, lr, &mut rng);
+        policy = next;
+        let (clip_sum, ent_sum, loss_sum, n_updates, bad_updates) = (u.clip_sum, u.entropy_sum, u.loss_sum, u.updates, u.skipped);
         // a step with a non-finite minibatch is counted as skipped (its other minibatches may
         // have updated the policy) and is never saved as a checkpoint
         let bad = bad_updates > 0;
@@ -397,13 +375,8 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
             bad_in_row = 0;
         }
         state.step += 1;
-        // 5. the dynamic anchor
-        match cfg.anchor {
-            Anchor::Frozen => {}
-            Anchor::Ema { beta, every } if state.step % every == 0 => reference = t1_algo::ema_update(reference, &policy.valid(), beta),
-            Anchor::Reset { every } if state.step % every == 0 => reference = policy.valid(),
-            _ => {}
-        }
+        // 5. the dynamic anchor (it stays where it was after a skipped step)
+        reference = advance_anchor(cfg.anchor, reference, &policy.valid(), state.step, bad);
         state.rng_word_pos = rng.get_word_pos();
         let n = samples.len() as f32;
         let mean = |f: &dyn Fn(&Sample) -> f32| samples.iter().map(f).sum::<f32>() / n;
@@ -467,8 +440,8 @@ struct GenStats {
     extra_rounds: usize,
 }
 
-/// Samples K responses for each of `prompts_per_step` prompts, grades them, optionally drops
-/// uniform groups (sampling more prompts, at most `max_extra_rounds` times) and keeps a subset.
+/// Samples K responses for each of `prompts_per_step` prompts and grades them, then
+/// [`gather_groups`] drops uniform groups (sampling more prompts) and keeps a subset.
 fn collect_samples<B: Backend>(
     cfg: &RlConfig,
     model: &Qwen2<B>,
@@ -480,29 +453,44 @@ fn collect_samples<B: Backend>(
 ) -> (Vec<Sample>, GenStats) {
     let r = &cfg.rollout;
     let k = r.samples_per_prompt;
-    let mut kept: Vec<Sample> = vec![];
-    let (mut groups_seen, mut uniform, mut rounds) = (0usize, 0usize, 0usize);
-    let mut groups_kept = 0usize;
-    while groups_kept < r.prompts_per_step && rounds <= r.max_extra_rounds {
-        let need = r.prompts_per_step - groups_kept;
+    gather_groups(r, rng, |need, rng| {
         let chosen: Vec<&Problem> = (0..need).map(|_| next_problem(problems, cfg.train.seed, state)).collect();
         let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), k)).collect();
         let mut rollouts = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(r.generation_batch.max(1)) {
             rollouts.extend(generate_sharded(model, chunk, &cfg.sampling, eos, tokenizer.pad_id(), rng, cfg.train.threads));
         }
-        for (g, problem) in chosen.iter().enumerate() {
-            let mut group: Vec<Sample> = (0..k)
-                .map(|i| {
-                    let idx = g * k + i;
-                    let rollout = rollouts[idx].clone();
-                    let text = tokenizer.decode(&rollout.tokens);
-                    let grade = t1_reward::grade(&text, &problem.answer, &cfg.reward.grader);
-                    let penalties = t1_reward::penalties(&text, rollout.truncated, &cfg.reward.penalty);
-                    let reward = t1_reward::reward(&grade, &penalties, &cfg.reward.penalty);
-                    Sample { group: groups_kept, prompt: prompts[idx].clone(), rollout, reward, correct: grade.correct, penalties }
-                })
-                .collect();
+        let mut rollouts = rollouts.into_iter();
+        let mut prompts = prompts.into_iter();
+        chosen
+            .iter()
+            .map(|problem| {
+                (0..k)
+                    .map(|_| {
+                        let (rollout, prompt) = (rollouts.next().expect("one rollout per prompt"), prompts.next().expect("k prompts"));
+                        let text = tokenizer.decode(&rollout.tokens);
+                        let grade = t1_reward::grade(&text, &problem.answer, &cfg.reward.grader);
+                        let penalties = t1_reward::penalties(&text, rollout.truncated, &cfg.reward.penalty);
+                        let reward = t1_reward::reward(&grade, &penalties, &cfg.reward.penalty);
+                        let score = t1_reward::reward(&grade, &t1_reward::Penalties::default(), &cfg.reward.penalty);
+                        Sample { group: 0, prompt, rollout, reward, score, correct: grade.correct, penalties }
+                    })
+                    .collect()
+            })
+            .collect()
+    })
+}
+
+/// T1's oversampling loop: `sample(n, rng)` gives `n` fresh groups of K graded samples; groups
+/// whose rewards are all equal carry no learning signal and, with `drop_uniform_groups`, are
+/// dropped and replaced by fresh groups, for at most `max_extra_rounds` extra rounds (the last
+/// round keeps whatever it gets, so a step always has `prompts_per_step` groups). Each kept
+/// group is reduced by [`select`] and numbered in order.
+fn gather_groups(r: &RolloutConfig, rng: &mut ChaCha8Rng, mut sample: impl FnMut(usize, &mut ChaCha8Rng) -> Vec<Vec<Sample>>) -> (Vec<Sample>, GenStats) {
+    let mut kept: Vec<Sample> = vec![];
+    let (mut groups_seen, mut uniform, mut rounds, mut groups_kept) = (0usize, 0usize, 0usize, 0usize);
+    while groups_kept < r.prompts_per_step && rounds <= r.max_extra_rounds {
+        for mut group in sample(r.prompts_per_step - groups_kept, rng) {
             groups_seen += 1;
             let all_equal = group.iter().all(|s| s.reward == group[0].reward);
             uniform += all_equal as usize;
@@ -555,16 +543,25 @@ fn select(group: &mut Vec<Sample>, keep: Keep, n: usize, rng: &mut ChaCha8Rng) {
     }
 }
 
-/// Per-sequence advantages: rewards (minus the KL when it goes in the reward), baseline within
-/// each group, and penalties applied after the baseline when configured.
+/// Per-sequence advantages, group by group (consecutive samples with the same `group`):
+/// 1. the rewards r_i: with `penalty_after_baseline` the grader's scores before penalties,
+///    else the rewards in which the penalty value has replaced the score of penalised samples;
+/// 2. with `kl_in = "reward"`: r_i ← r_i − kl_coef · KL_i, KL_i the sample's summed token KL
+///    (centred leave-one-out in its group first with `kl_on_policy_normalize`);
+/// 3. the baseline within the group (RLOO: A_i = r_i − mean_{j≠i} r_j);
+/// 4. with `penalty_after_baseline`: a penalised sample's advantage is the penalty value.
+///
+/// # Shapes
+/// - samples `[N]`, kl_seq `[N]` → `[N]`
 fn compute_advantages(cfg: &RlConfig, samples: &[Sample], kl_seq: &[f32]) -> Vec<f32> {
     let l = &cfg.loss;
+    let after = cfg.reward.penalty_after_baseline;
     let mut out = vec![0.0; samples.len()];
     let mut start = 0;
     while start < samples.len() {
         let end = start + samples[start..].iter().take_while(|s| s.group == samples[start].group).count();
         let idx = start..end;
-        let mut rewards: Vec<f32> = samples[idx.clone()].iter().map(|s| s.reward).collect();
+        let mut rewards: Vec<f32> = samples[idx.clone()].iter().map(|s| if after { s.score } else { s.reward }).collect();
         if l.kl_in == KlPlacement::Reward && l.kl_coef != 0.0 {
             let kls = &kl_seq[idx.clone()];
             let kls = if l.kl_on_policy_normalize { center_leave_one_out(kls) } else { kls.to_vec() };
@@ -574,11 +571,81 @@ fn compute_advantages(cfg: &RlConfig, samples: &[Sample], kl_seq: &[f32]) -> Vec
         }
         let a = advantages(&rewards, rewards.len(), l.baseline);
         for (i, a) in idx.clone().zip(a) {
-            out[i] = if cfg.reward.penalty_after_baseline && samples[i].penalties.any() { cfg.reward.penalty.value } else { a };
+            out[i] = if after && samples[i].penalties.any() { cfg.reward.penalty.value } else { a };
         }
         start = end;
     }
     out
+}
+
+/// The anchor after RL step `step` (counted from 1): T1's EMA θ_ref ← β·θ_ref + (1−β)·θ every
+/// `every` steps, a reset to the policy every `every` steps, or frozen. A step whose update was
+/// skipped as non-finite leaves the anchor where it was.
+fn advance_anchor<B: Backend, M: burn::module::Module<B>>(anchor: Anchor, reference: M, policy: &M, step: usize, skipped: bool) -> M {
+    match anchor {
+        _ if skipped => reference,
+        Anchor::Frozen => reference,
+        Anchor::Ema { beta, every } if step % every == 0 => t1_algo::ema_update(reference, policy, beta),
+        Anchor::Reset { every } if step % every == 0 => policy.clone(),
+        _ => reference,
+    }
+}
+
+/// What one RL step's updates report.
+#[derive(Debug, Default)]
+struct UpdateStats {
+    clip_sum: f32,
+    entropy_sum: f32,
+    loss_sum: f32,
+    /// Optimiser steps taken.
+    updates: usize,
+    /// Minibatches skipped because their loss or gradient norm was not finite.
+    skipped: usize,
+}
+
+/// `loss.epochs` passes over the rollout batch in `loss.minibatches` shuffled minibatches, one
+/// clipped optimiser step each; a minibatch whose loss or gradient norm is not finite is skipped.
+#[allow(clippy::too_many_arguments)]
+fn update_policy<B: AutodiffBackend, O: Optimizer<Qwen2<B>, B>>(
+    cfg: &RlConfig,
+    mut policy: Qwen2<B>,
+    optim: &mut O,
+    batch: &RlBatch,
+    old_logp: &[f32],
+    ref_logp: &[f32],
+    adv: &[f32],
+    lr: f64,
+    rng: &mut ChaCha8Rng,
+) -> (Qwen2<B>, UpdateStats) {
+    let norm_len = if cfg.loss.agg_norm_len > 0 { cfg.loss.agg_norm_len } else { cfg.sampling.max_new_tokens } as f32;
+    let mut order: Vec<usize> = (0..batch.rows).collect();
+    let mut u = UpdateStats::default();
+    for _epoch in 0..cfg.loss.epochs {
+        order.shuffle(rng);
+        let per = batch.rows.div_ceil(cfg.loss.minibatches);
+        for rows in order.chunks(per) {
+            // the minibatch's normaliser, so that the shards' losses add up to its loss
+            let mask: Vec<f32> = rows.iter().flat_map(|&r| batch.mask[r * batch.len..(r + 1) * batch.len].to_vec()).collect();
+            let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
+            let shards: Vec<&[usize]> = crate::parallel::split_even(rows.len(), cfg.train.threads).into_iter().map(|r| &rows[r]).collect();
+            let (grads, loss_v, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
+                let (loss, clip_frac, entropy) = minibatch_loss(cfg, m, batch, rows, old_logp, ref_logp, adv, norm);
+                (loss, (clip_frac, entropy))
+            });
+            let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
+            let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
+            if !loss_v.is_finite() || !norm.is_finite() {
+                u.skipped += 1;
+                continue;
+            }
+            policy = optim.step(lr, policy, grads);
+            u.clip_sum += clip_frac;
+            u.entropy_sum += entropy;
+            u.loss_sum += loss_v;
+            u.updates += 1;
+        }
+    }
+    (policy, u)
 }
 
 /// Prompt + response sequences, right-padded, with the response positions marked.
@@ -704,4 +771,255 @@ fn tensor2<B: Backend>(v: &[f32], rows: usize, len: usize, device: &B::Device) -
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use t1_model::compare::{max_abs_diff, same_bits};
+    use t1_model::Qwen2Config;
+
+    type Ad = Autodiff<Flex>;
+
+    /// A sample of `group` with the given training reward, grader score and penalty; its
+    /// response is `tokens` (prompt [1, 2]).
+    fn sample(group: usize, reward: f32, score: f32, penalised: bool, tokens: &[u32]) -> Sample {
+        let rollout = Rollout { tokens: tokens.to_vec(), logprobs: vec![0.0; tokens.len()], truncated: penalised };
+        let penalties = t1_reward::Penalties { overlong: penalised, ..Default::default() };
+        Sample { group, prompt: vec![1, 2], rollout, reward, score, correct: score > 0.5, penalties }
+    }
+
+    /// Groups of samples from (reward, score, penalised) triples.
+    fn groups(spec: &[&[(f32, f32, bool)]]) -> Vec<Sample> {
+        spec.iter().enumerate().flat_map(|(g, group)| group.iter().map(move |&(r, s, p)| sample(g, r, s, p, &[3]))).collect()
+    }
+
+    fn close(got: &[f32], want: &[f32]) {
+        assert!(max_abs_diff(got, want) <= 1e-6, "got {got:?}, want {want:?}");
+    }
+
+    fn cfg_with(f: impl FnOnce(&mut RlConfig)) -> RlConfig {
+        let mut cfg = RlConfig::default();
+        f(&mut cfg);
+        cfg
+    }
+
+    #[test]
+    fn rloo_and_grpo_advantages_per_group_by_hand() {
+        let samples = groups(&[&[(1.0, 1.0, false), (0.0, 0.0, false), (0.0, 0.0, false), (1.0, 1.0, false)], &[(1.0, 1.0, false), (0.0, 0.0, false)]]);
+        let kl = vec![0.0; samples.len()];
+        let rloo = cfg_with(|c| c.loss.kl_coef = 0.0);
+        // group 0: r_i − mean of the other three; group 1 on its own: 1 − 0, 0 − 1
+        let t = 2.0 / 3.0;
+        close(&compute_advantages(&rloo, &samples, &kl), &[t, -t, -t, t, 1.0, -1.0]);
+        let grpo = cfg_with(|c| (c.loss.kl_coef, c.loss.baseline) = (0.0, Baseline::Grpo));
+        // (r − 0.5) / (unbiased std + 1e-6): std sqrt(1/3) in group 0, sqrt(1/2) in group 1
+        let (s0, s1) = ((1.0f32 / 3.0).sqrt() + 1e-6, 0.5f32.sqrt() + 1e-6);
+        close(&compute_advantages(&grpo, &samples, &kl), &[0.5 / s0, -0.5 / s0, -0.5 / s0, 0.5 / s0, 0.5 / s1, -0.5 / s1]);
+    }
+
+    #[test]
+    fn kl_in_the_reward_is_subtracted_before_the_baseline() {
+        let samples = groups(&[&[(1.0, 1.0, false); 4]]);
+        let kl = [1.0, 2.0, 3.0, 6.0];
+        // centred leave-one-out: [1 − 11/3, 2 − 10/3, 3 − 3, 6 − 2]; r' = 1 − 0.5·that = [7/3, 5/3, 1, −1];
+        // RLOO of r' (sum 4): [7/3 − 5/9, 5/3 − 7/9, 1 − 1, −1 − 5/3]
+        let on = cfg_with(|c| c.loss.kl_coef = 0.5);
+        close(&compute_advantages(&on, &samples, &kl), &[16.0 / 9.0, 8.0 / 9.0, 0.0, -8.0 / 3.0]);
+        // uncentred: r' = [0.5, 0, −0.5, −2] (sum −2) → [0.5 + 5/6, 0 + 2/3, −0.5 + 1/2, −2 − 0]
+        let off = cfg_with(|c| (c.loss.kl_coef, c.loss.kl_on_policy_normalize) = (0.5, false));
+        close(&compute_advantages(&off, &samples, &kl), &[4.0 / 3.0, 2.0 / 3.0, 0.0, -2.0]);
+        // in the loss (or with no coefficient) the KL does not touch the advantages: all rewards equal
+        let in_loss = cfg_with(|c| (c.loss.kl_coef, c.loss.kl_in) = (0.5, KlPlacement::Loss));
+        close(&compute_advantages(&in_loss, &samples, &kl), &[0.0; 4]);
+    }
+
+    #[test]
+    fn penalties_before_and_after_the_baseline() {
+        // sample 1 is correct but overlong: its reward is the penalty value (−1), its score 1
+        let samples = groups(&[&[(1.0, 1.0, false), (-1.0, 1.0, true), (0.0, 0.0, false), (0.0, 0.0, false)]]);
+        let kl = [0.0; 4];
+        let penalty = |after: bool| {
+            cfg_with(|c| {
+                c.loss.kl_coef = 0.0;
+                c.reward.penalty.value = -1.0;
+                c.reward.penalty_after_baseline = after;
+            })
+        };
+        // before: the penalty is the reward in the baseline: RLOO of [1, −1, 0, 0] (sum 0)
+        let f = 4.0 / 3.0;
+        close(&compute_advantages(&penalty(false), &samples, &kl), &[f, -f, 0.0, 0.0]);
+        // after: the baseline comes from the unpenalised scores [1, 1, 0, 0], then the penalised
+        // sample takes the penalty as its advantage
+        let t = 2.0 / 3.0;
+        close(&compute_advantages(&penalty(true), &samples, &kl), &[t, -1.0, -t, -t]);
+    }
+
+    /// Eight samples told apart by their one response token; the first `correct` are correct.
+    fn numbered(correct: usize) -> Vec<Sample> {
+        (0..8).map(|i| sample(0, (i < correct) as u8 as f32, (i < correct) as u8 as f32, false, &[10 + i as u32])).collect()
+    }
+
+    fn ids(group: &[Sample]) -> Vec<u32> {
+        group.iter().map(|s| s.rollout.tokens[0]).collect()
+    }
+
+    #[test]
+    fn select_keeps_a_random_subset_or_a_balanced_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut all = numbered(3);
+        select(&mut all, Keep::All, 2, &mut rng);
+        assert_eq!(ids(&all), (10..18).collect::<Vec<_>>());
+        // random: n distinct members of the group, and every member is drawn sometimes
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let mut g = numbered(3);
+            select(&mut g, Keep::Random, 3, &mut rng);
+            let mut got = ids(&g);
+            got.sort();
+            got.dedup();
+            assert_eq!(got.len(), 3);
+            assert!(got.iter().all(|t| (10..18).contains(t)));
+            seen.extend(got);
+        }
+        assert_eq!(seen.len(), 8, "random selection never drew some samples: {seen:?}");
+        // balanced: as even a split between correct and incorrect as the group allows
+        for (correct, n, want_right) in [(3, 4, 2), (6, 4, 2), (1, 4, 1), (7, 4, 3), (8, 3, 3), (0, 3, 0), (4, 3, 2), (2, 5, 2)] {
+            let mut g = numbered(correct);
+            select(&mut g, Keep::Balanced, n, &mut rng);
+            assert_eq!(g.len(), n, "{correct} correct, keep {n}");
+            let right = g.iter().filter(|s| s.correct).count();
+            assert_eq!(right, want_right, "{correct} correct of 8, keep {n}: kept {right} correct");
+        }
+    }
+
+    /// Runs `gather_groups` with a generator that hands out the scripted groups in order
+    /// (`true` = uniform) and records how many groups each round asked for.
+    fn gather(rollout: &RolloutConfig, script: &[bool]) -> (Vec<Sample>, GenStats, Vec<usize>) {
+        let mut next = 0usize;
+        let mut asked = vec![];
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (kept, stats) = gather_groups(rollout, &mut rng, |n, _| {
+            asked.push(n);
+            (0..n)
+                .map(|_| {
+                    let uniform = script[next];
+                    next += 1;
+                    // the group's identity is its response token
+                    (0..4).map(|i| sample(99, if uniform || i % 2 == 0 { 1.0 } else { 0.0 }, 1.0, false, &[next as u32])).collect()
+                })
+                .collect()
+        });
+        (kept, stats, asked)
+    }
+
+    #[test]
+    fn uniform_groups_are_replaced_for_at_most_max_extra_rounds() {
+        let r = RolloutConfig { prompts_per_step: 3, samples_per_prompt: 4, drop_uniform_groups: true, max_extra_rounds: 2, ..Default::default() };
+        // round 0: uniform, mixed, uniform → keeps 1; round 1: uniform, mixed → keeps 1; round 2 is
+        // the last allowed: its uniform group is kept
+        let (kept, stats, asked) = gather(&r, &[true, false, true, true, false, true]);
+        assert_eq!(asked, vec![3, 2, 1]);
+        let order: Vec<(usize, u32)> = kept.iter().map(|s| (s.group, s.rollout.tokens[0])).collect();
+        assert_eq!(order, [0, 1, 2].iter().flat_map(|&g| std::iter::repeat_n((g, [2, 5, 6][g]), 4)).collect::<Vec<_>>());
+        assert_eq!(stats.extra_rounds, 2);
+        assert!((stats.uniform_fraction - 4.0 / 6.0).abs() < 1e-6);
+        // enough mixed groups: no extra round
+        let (kept, stats, asked) = gather(&r, &[false, true, false, false]);
+        assert_eq!((asked, stats.extra_rounds, kept.len()), (vec![3, 1], 1, 12));
+        // without dropping, or with no extra round allowed, uniform groups are kept at once
+        for r in [RolloutConfig { drop_uniform_groups: false, ..r.clone() }, RolloutConfig { max_extra_rounds: 0, ..r.clone() }] {
+            let (kept, stats, asked) = gather(&r, &[true, true, false]);
+            assert_eq!((asked, stats.extra_rounds, kept.len()), (vec![3], 0, 12));
+            assert!((stats.uniform_fraction - 2.0 / 3.0).abs() < 1e-6);
+        }
+    }
+
+    fn tiny_model<B: Backend>(seed: u64) -> Qwen2<B> {
+        let device = Default::default();
+        B::seed(&device, seed);
+        let mut config = Qwen2Config::tiny(32, 16, 1, 2, 1);
+        config.initializer_range = 0.2;
+        Qwen2::init(&config, &device)
+    }
+
+    fn weights<B: Backend>(m: &Qwen2<B>) -> Vec<f32> {
+        t1_model::hf::named_tensors(m).into_iter().flat_map(|(_, d)| d.convert::<f32>().to_vec::<f32>().unwrap()).collect()
+    }
+
+    #[test]
+    fn anchor_modes_follow_their_schedule_and_hold_on_a_skipped_step() {
+        let (reference, policy) = (tiny_model::<Flex>(1), tiny_model::<Flex>(2));
+        let (r, p) = (weights(&reference), weights(&policy));
+        assert!(max_abs_diff(&r, &p) > 0.1);
+        let after = |anchor: Anchor, step: usize, skipped: bool| weights(&advance_anchor(anchor, reference.clone(), &policy, step, skipped));
+        let ema = Anchor::Ema { beta: 0.75, every: 2 };
+        let blended: Vec<f32> = r.iter().zip(&p).map(|(r, p)| 0.75 * r + 0.25 * p).collect();
+        assert!(same_bits(&after(ema, 1, false), &r), "ema every 2 moved at step 1");
+        assert!(max_abs_diff(&after(ema, 2, false), &blended) <= 1e-6, "ema at step 2 is not 0.75·ref + 0.25·policy");
+        assert!(max_abs_diff(&after(ema, 4, false), &blended) <= 1e-6);
+        assert!(same_bits(&after(ema, 2, true), &r), "the anchor moved on a skipped step");
+        let reset = Anchor::Reset { every: 3 };
+        assert!(same_bits(&after(reset, 2, false), &r));
+        assert!(same_bits(&after(reset, 3, false), &p), "reset at step 3 is not the policy");
+        assert!(same_bits(&after(reset, 3, true), &r), "the anchor moved on a skipped step");
+        for step in 1..5 {
+            assert!(same_bits(&after(Anchor::Frozen, step, false), &r), "a frozen anchor moved at step {step}");
+        }
+    }
+
+    /// Summed log-probs of each sample's response under `policy`.
+    fn response_logprobs<B: Backend>(cfg: &RlConfig, policy: &Qwen2<B>, batch: &RlBatch) -> Vec<f32> {
+        let lp = batch.logprobs(policy, cfg.sampling.temperature);
+        (0..batch.rows).map(|r| batch.masked_row_sum(&lp, r)).collect()
+    }
+
+    /// One update of T1's default path (KL in the reward, on-policy normalisation, RLOO) or
+    /// with the KL in the loss, on a tiny policy; `sign` multiplies the advantages. Returns
+    /// the change of each sample's response log-prob.
+    fn one_update(kl_in: KlPlacement, sign: f32) -> Vec<f32> {
+        let cfg = cfg_with(|c| {
+            c.loss.kl_in = kl_in;
+            c.loss.kl_coef = 0.1;
+            c.loss.entropy_coef = 0.001;
+            c.optim.lr = 1e-3;
+        });
+        let policy: Qwen2<Ad> = tiny_model(7);
+        // one group: responses 0 and 1 correct (reward 1), 2 and 3 not
+        let samples: Vec<Sample> = [[5u32, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| sample(0, (i < 2) as u8 as f32, (i < 2) as u8 as f32, false, t))
+            .collect();
+        let batch = RlBatch::new(&samples, 0);
+        let old_logp = batch.logprobs(&policy.valid(), cfg.sampling.temperature);
+        // an anchor a little off the policy, so the KL term is not zero
+        let anchor: Qwen2<Flex> = t1_algo::ema_update(policy.valid(), &tiny_model::<Flex>(8), 0.9);
+        let ref_logp = batch.logprobs(&anchor, cfg.sampling.temperature);
+        let kl_tok = host(kl(tensor2::<Flex>(&old_logp, batch.rows, batch.len, &Default::default()), tensor2(&ref_logp, batch.rows, batch.len, &Default::default()), cfg.loss.kl_estimator));
+        let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
+        let adv: Vec<f32> = compute_advantages(&cfg, &samples, &kl_seq).into_iter().map(|a| a * sign).collect();
+        assert_eq!(adv.iter().map(|a| *a > 0.0).collect::<Vec<_>>(), [sign > 0.0, sign > 0.0, sign < 0.0, sign < 0.0], "advantages {adv:?}");
+        let before = response_logprobs(&cfg, &policy.valid(), &batch);
+        let mut optim = cfg.optim.adamw().init::<Ad, Qwen2<Ad>>();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let (policy, stats) = update_policy(&cfg, policy, &mut optim, &batch, &old_logp, &ref_logp, &adv, cfg.optim.lr, &mut rng);
+        assert_eq!((stats.updates, stats.skipped), (1, 0));
+        let after = response_logprobs(&cfg, &policy.valid(), &batch);
+        after.iter().zip(&before).map(|(a, b)| a - b).collect()
+    }
+
+    #[test]
+    fn an_rl_step_raises_the_rewarded_responses_and_lowers_the_others() {
+        for kl_in in [KlPlacement::Reward, KlPlacement::Loss] {
+            let d = one_update(kl_in, 1.0);
+            println!("{kl_in:?}: change of the response log-probs {d:?}");
+            assert!(d[0] > 0.0 && d[1] > 0.0, "{kl_in:?}: rewarded responses did not become likelier: {d:?}");
+            assert!(d[2] < 0.0 && d[3] < 0.0, "{kl_in:?}: unrewarded responses did not become less likely: {d:?}");
+            // the check is not blind: with the advantages' sign flipped every change reverses
+            let flipped = one_update(kl_in, -1.0);
+            assert!(flipped[0] < 0.0 && flipped[1] < 0.0 && flipped[2] > 0.0 && flipped[3] > 0.0, "{kl_in:?} flipped: {flipped:?}");
+        }
+    }
 }

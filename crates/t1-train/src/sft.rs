@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
@@ -346,6 +346,22 @@ pub fn sft_nll_sum<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 
     (token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg() * mask).sum()
 }
 
+/// Gradients and value of one SFT step's loss, the mean NLL over every loss token of the step:
+/// `micro[i][j]` is shard `j` (its own thread) of micro-batch `i`. Each shard's summed NLL is
+/// divided by the whole step's loss-token count, so the shards and micro-batches add up to
+/// the gradient of the unsplit batch's mean, up to float summation order.
+pub fn step_grads<B: AutodiffBackend>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>>) -> (GradientsParams, f32) {
+    let loss_tokens = micro.iter().flatten().map(|b| b.target_mask.iter().filter(|&&m| m).count()).sum::<usize>().max(1) as f32;
+    let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
+    let mut step_loss = 0.0f32;
+    for shards in micro {
+        let (grads, loss, _) = crate::parallel::sharded_grads(model, shards, |m, b| (sft_nll_sum(m, &b).div_scalar(loss_tokens), ()));
+        step_loss += loss;
+        accum.accumulate(model, grads);
+    }
+    (accum.grads(), step_loss)
+}
+
 /// Runs SFT (or continues it with `resume`) and returns its summary.
 pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
     cfg.validate()?;
@@ -422,16 +438,9 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
                 .collect();
             micro.push(shards);
         }
-        let loss_tokens = micro.iter().flatten().map(|b| b.target_mask.iter().filter(|&&m| m).count()).sum::<usize>().max(1) as f32;
         tokens_seen += micro.iter().flatten().map(|b| b.attention.iter().filter(|&&a| a).count()).sum::<usize>();
-        let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
-        let mut step_loss = 0.0f32;
-        for shards in micro {
-            let (grads, loss, _) = crate::parallel::sharded_grads(&model, shards, |m, b| (sft_nll_sum(m, &b).div_scalar(loss_tokens), ()));
-            step_loss += loss;
-            accum.accumulate(&model, grads);
-        }
-        let (grads, norm) = common::clip_global_norm(&model, accum.grads(), cfg.optim.grad_clip);
+        let (grads, step_loss) = step_grads(&model, micro);
+        let (grads, norm) = common::clip_global_norm(&model, grads, cfg.optim.grad_clip);
         if !step_loss.is_finite() || !norm.is_finite() {
             state.skipped_steps += 1;
             bad_in_row += 1;
