@@ -4,8 +4,10 @@
 mod cli;
 mod common;
 mod crosscheck;
+mod eval;
 mod hostile;
 #[cfg(unix)]
 mod kill;
 mod model;
+mod save_direction;
 mod train;
