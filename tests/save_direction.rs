@@ -16,7 +16,7 @@ use crate::common::*;
 use crate::model::{bf16_logit_bound, f32_logit_bound, BF16_ROUNDOFF};
 
 const INSTALL: &str = "install them with `pip install torch transformers safetensors numpy` \
-    (.ci/run has a smaller CPU-only install), or set T1_PYTHON to a python that has them";
+    (as .ci/run does, into a venv), or set T1_PYTHON to a python that has them";
 
 /// The interpreter named by `T1_PYTHON` (default `python3`), checked to import what
 /// check_saved.py needs.
