@@ -222,11 +222,11 @@ fn per_param<B: Backend, R: Read<B>>(model: &impl Module<B>, read: R) -> Vec<(St
 ///
 /// The backends add in different orders (blocked matmuls, tree vs. serial sums) and use
 /// different exp/log: a sum of `n` rounded terms can differ by up to `n` ulps of its scale in
-/// the worst case (~√n typically). Measured on flex vs wgpu (lavapipe): see
-/// `flex_and_wgpu_agree`'s printout, the fraction of each bound used; a sign flip of the 0.01
-/// entropy term or a missing KL term fails every gradient row
-/// (`compare_catches_a_sign_flip_and_a_missing_term`).
-pub const ULPS_PER_TERM: f32 = 2.0;
+/// the worst case (~√n typically). Measured on flex vs wgpu (lavapipe) over 8 random cases,
+/// the worst quantity used 9% of its bound (gradients; `flex_and_wgpu_agree` prints the
+/// fraction used per quantity); a sign flip of the 0.01 entropy term or a missing KL term
+/// fails every gradient row (`compare_catches_a_sign_flip_and_a_missing_term`).
+pub const ULPS_PER_TERM: f32 = 4.0;
 
 /// Longest reduction of `case`'s forward or backward pass: dot products over the hidden,
 /// intermediate and vocabulary sizes, gradient sums over every token of the batch.
