@@ -27,7 +27,7 @@ fn logits_command_writes_transformers_logits() {
         let view = st.tensor("logits").unwrap();
         let vocab = r.logits.len() / (r.batch * r.len);
         assert_eq!(view.shape(), &[r.len, vocab]);
-        let got: Vec<f32> = view.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let got = f32s(&view);
         let want = &r.logits[..r.len * vocab];
         let config = t1_model::Qwen2Config::from_file(&model.join("config.json")).unwrap();
         let (diff, bound) = (max_abs_diff(&got, want), crate::model::f32_logit_bound(&config, max_abs(want)));

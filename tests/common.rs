@@ -29,9 +29,19 @@ pub fn reference(name: &str) -> Reference {
     let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let ids_view = st.tensor("input_ids").unwrap();
-    let ids: Vec<i64> = ids_view.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    let logits = st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    Reference { batch: ids_view.shape()[0], len: ids_view.shape()[1], ids, logits }
+    Reference { batch: ids_view.shape()[0], len: ids_view.shape()[1], ids: i64s(&ids_view), logits: f32s(&st.tensor("logits").unwrap()) }
+}
+
+/// The values of a little-endian F32 safetensors tensor.
+pub fn f32s(view: &safetensors::tensor::TensorView) -> Vec<f32> {
+    assert_eq!(view.dtype(), safetensors::Dtype::F32);
+    view.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// The values of a little-endian I64 safetensors tensor.
+pub fn i64s(view: &safetensors::tensor::TensorView) -> Vec<i64> {
+    assert_eq!(view.dtype(), safetensors::Dtype::I64);
+    view.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
 pub fn to_vec<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {

@@ -63,11 +63,10 @@ struct Padded {
 fn padded_reference(name: &str) -> Padded {
     let bytes = std::fs::read(fixture(name).join("padded.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let i64s = |n: &str| -> Vec<i64> { st.tensor(n).unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect() };
-    let shape = st.tensor("input_ids").unwrap().shape().to_vec();
-    let logits = st.tensor("logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    let mask = i64s("attention_mask").into_iter().map(|m| m == 1).collect();
-    Padded { batch: shape[0], len: shape[1], ids: i64s("input_ids"), mask, logits }
+    let tensor = |n: &str| st.tensor(n).unwrap();
+    let shape = tensor("input_ids").shape().to_vec();
+    let mask = i64s(&tensor("attention_mask")).into_iter().map(|m| m == 1).collect();
+    Padded { batch: shape[0], len: shape[1], ids: i64s(&tensor("input_ids")), mask, logits: f32s(&tensor("logits")) }
 }
 
 /// The logits of the real tokens of a left- and right-padded batch (random pad ids, attention
@@ -454,11 +453,11 @@ fn check_gradients(name: &str) {
     assert_eq!(names.len(), c.1.len());
     let bytes = std::fs::read(fixture(name).join("grads.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let f32s = |n: &str| -> Vec<f32> { st.tensor(n).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let named = |n: &str| -> Vec<f32> { f32s(&st.tensor(n).unwrap()) };
     assert_eq!(st.names().len(), names.len() + 1, "{name}: grads.safetensors holds the loss and one gradient per parameter");
     // the loss is a mean of log-softmax values, each within 2 × the logits' error of PyTorch's,
     // plus the roundings of the log-sum-exp over the vocabulary
-    let want_loss = f32s("loss")[0];
+    let want_loss = named("loss")[0];
     let loss_bound = 2.0 * f32_logit_bound(&config, logit_scale) + config.vocab_size as f32 * F32_ROUNDOFF * want_loss.abs();
     let loss_diff = max_abs_diff(&[loss_value], &[want_loss]);
     println!("{name}: loss {loss_value} vs PyTorch {want_loss}: {loss_diff:.3e} (bound {loss_bound:.3e})");
@@ -467,7 +466,7 @@ fn check_gradients(name: &str) {
     let relative_bound = n as f32 * F32_ROUNDOFF;
     let mut worst = (0f32, String::new());
     for ((param, hf_shape), g) in names.iter().zip(&c.1) {
-        let want = f32s(param);
+        let want = named(param);
         // burn Linear weights are [in, out]: transpose to HF [out, in]
         let is_linear = param.ends_with("proj.weight") || param == "lm_head.weight";
         let got: Vec<f32> = if is_linear {

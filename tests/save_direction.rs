@@ -183,8 +183,8 @@ fn read_f32s(path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            (name, view.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+            let values = f32s(&view);
+            (name, values)
         })
         .collect()
 }
