@@ -95,6 +95,44 @@ fn sft_lowers_the_loss_and_resume_continues_exactly() {
     assert_eq!(a, b, "resumed run differs from the uninterrupted one");
 }
 
+#[test]
+fn bf16_sft_keeps_f32_master_weights_and_resumes_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    tiny_task(data.path());
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("a");
+    let mut cfg = sft_config(data.path(), &out, 4);
+    cfg.model.dtype = "bf16".into();
+    cfg.optim.lr = 1e-4;
+    t1_train::sft::run_sft::<Flex>(&cfg, "", false, &Default::default()).unwrap();
+    let ckpt = out.join("checkpoint-000002");
+    // the Hugging Face model stays bf16; the f32 master sits beside the optimiser state
+    let dtype_of = |dir: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()["torch_dtype"].clone();
+    assert_eq!(dtype_of(&ckpt), "bfloat16");
+    assert_eq!(dtype_of(&ckpt.join(t1_train::master::MASTER_DIR)), "float32");
+    let (model, master) = (params(&load(&ckpt)), params(&load(&ckpt.join(t1_train::master::MASTER_DIR))));
+    // the model is the master rounded to bf16, and the master holds what bf16 cannot
+    let (model, master) = (model.concat(), master.concat());
+    let rounded: Vec<f32> = master.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    // burn-flex casts through f64 with half 2.7's f64 -> bf16, which drops the f64's low 32
+    // bits before rounding: an f32 whose 16 low bits are 0x8001..=0x8007 (just above a tie)
+    // rounds down. Those are the only misses allowed (1 in 28,320 weights here).
+    let near_tie = |x: f32| (x.to_bits() & 0xFFF8) == 0x8000;
+    let off: Vec<_> = model.iter().zip(&rounded).zip(&master).filter(|((a, b), &m)| a.to_bits() != b.to_bits() && !near_tie(m)).collect();
+    assert!(off.is_empty(), "{} of {} bf16 weights are not their master rounded to nearest bf16; first (model, rounded, master): {:?}", off.len(), model.len(), off.first());
+    let finer = model.iter().zip(&master).filter(|(a, b)| a != b).count();
+    assert!(finer * 2 > model.len(), "only {finer} of {} master weights hold more than bf16 precision", model.len());
+
+    let resumed = run.path().join("b");
+    copy_dir(&ckpt, &resumed.join("checkpoint-000002"));
+    let mut cfg_b = cfg.clone();
+    cfg_b.out_dir = resumed.clone();
+    t1_train::sft::run_sft::<Flex>(&cfg_b, "", true, &Default::default()).unwrap();
+    let last = |root: &Path| root.join("checkpoint-000004").join(t1_train::master::MASTER_DIR);
+    assert_eq!(params(&load(&last(&out))), params(&load(&last(&resumed))), "the resumed master differs");
+    assert_eq!(params(&load(&out.join("final"))), params(&load(&resumed.join("final"))));
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

@@ -5,11 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use t1_data::ChatTokenizer;
 use t1_model::{Qwen2, Qwen2Config, SaveOptions};
@@ -35,19 +35,13 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     mut grads: GradientsParams,
     max_norm: f32,
 ) -> (GradientsParams, f32) {
-    struct Ids(Vec<(ParamId, usize)>);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push((param.id, D));
-        }
-    }
-    let mut ids = Ids(vec![]);
-    model.visit(&mut ids);
+    let ids = crate::master::param_ids::<B, M>(model);
+    // the norm in f32 whatever the gradients' dtype (a bf16 sum of squares is off by percents)
     let mut squares: Vec<Tensor<B::InnerBackend, 1>> = vec![];
-    for &(id, d) in &ids.0 {
+    for &(id, d) in &ids {
         let sq = match d {
-            1 => grads.get::<B::InnerBackend, 1>(id).map(|g| g.powf_scalar(2.0).sum()),
-            2 => grads.get::<B::InnerBackend, 2>(id).map(|g| g.powf_scalar(2.0).sum()),
+            1 => grads.get::<B::InnerBackend, 1>(id).map(|g| f32_of(g).powf_scalar(2.0).sum()),
+            2 => grads.get::<B::InnerBackend, 2>(id).map(|g| f32_of(g).powf_scalar(2.0).sum()),
             _ => None,
         };
         squares.extend(sq);
@@ -58,7 +52,7 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     let norm = Tensor::cat(squares, 0).sum().sqrt().into_scalar().to_string().parse::<f32>().unwrap_or(f32::NAN);
     if norm.is_finite() && max_norm > 0.0 && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f64;
-        for &(id, d) in &ids.0 {
+        for &(id, d) in &ids {
             match d {
                 1 => {
                     if let Some(g) = grads.remove::<B::InnerBackend, 1>(id) {
@@ -75,6 +69,10 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         }
     }
     (grads, norm)
+}
+
+fn f32_of<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) }
 }
 
 /// Appends one JSON object per line and flushes it, so a killed run keeps its metrics.

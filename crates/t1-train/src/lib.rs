@@ -5,6 +5,7 @@ pub mod common;
 pub mod config;
 pub mod crosscheck;
 pub mod generate;
+pub mod master;
 pub mod parallel;
 pub mod rl;
 pub mod sft;

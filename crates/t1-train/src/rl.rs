@@ -32,7 +32,7 @@ use t1_model::{Inputs, Qwen2, WeightDtype};
 use t1_reward::{GraderConfig, PenaltyConfig};
 
 use crate::common::{self, lr_at, Metrics, TrainerState};
-use crate::sft::{init_model, scalar, ModelSource, OptimConfig};
+use crate::sft::{scalar, ModelSource, OptimConfig};
 use crate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig, TrainError};
 
 /// `t1 rl` settings. Every field has a default; unknown keys are errors.
@@ -246,6 +246,10 @@ impl RlConfig {
         if let Anchor::Reset { every: 0 } = self.anchor {
             return bad("anchor: reset needs every > 0".into());
         }
+        let Some(dtype) = WeightDtype::parse(&self.model.dtype) else {
+            return bad("model.dtype must be f32 or bf16".into());
+        };
+        crate::master::uses_master_weights(&self.optim, dtype)?;
         Ok(())
     }
 }
@@ -283,8 +287,11 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
-    let (model_config, mut policy, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
-    let mut reference: Qwen2<B::InnerBackend> = policy.valid();
+    let (model_config, mut policy, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, &cfg.data.tokenizer, device)?;
+    // the anchor follows the f32 master when there is one (a bf16 EMA at beta 0.99 would
+    // round most of its moves away); its log-probs are taken in the policy's dtype
+    let mut reference: Qwen2<B::InnerBackend> = optim.weights(&policy);
+    let compute = policy.dtype();
     let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
     let loaded = t1_data::read_problems(&cfg.data.train, on_bad)?;
     let eval: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
@@ -294,13 +301,12 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
     };
     check_context(&loaded, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
     let problems = loaded.items;
-    let mut optim = cfg.optim.adamw().init::<B, Qwen2<B>>();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
-    let dtype = WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32);
     if resume {
         if let Some(dir) = common::list_checkpoints(&cfg.out_dir).last() {
-            policy = t1_model::load::<B>(dir, dtype, device)?.1;
-            reference = t1_model::load::<B::InnerBackend>(&dir.join("reference"), dtype, device)?.1;
+            policy = crate::master::resume_weights(dir, &cfg.model, &mut optim, device)?;
+            let anchor_dtype = if optim.master().is_some() { WeightDtype::F32 } else { WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32) };
+            reference = t1_model::load::<B::InnerBackend>(&dir.join("reference"), anchor_dtype, device)?.1;
             (optim, state) = common::load_resume_state(dir, optim, device)?;
             eprintln!("resuming from {} at step {}", dir.display(), state.step);
         } else {
@@ -351,7 +357,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         // 3. recompute old log-probs (gap metric) and the anchor's, then advantages
         let batch = RlBatch::new(&samples, tokenizer.pad_id());
         let old_logp = batch.logprobs(&inner, cfg.sampling.temperature);
-        let ref_logp = batch.logprobs(&reference, cfg.sampling.temperature);
+        let ref_logp = batch.logprobs(&crate::master::cast(reference.clone(), compute), cfg.sampling.temperature);
         let (gap_max, gap_mean) = batch.gap(&old_logp);
         let kl_tok = kl(tensor2::<B::InnerBackend>(&old_logp, batch.rows, batch.len, device), tensor2(&ref_logp, batch.rows, batch.len, device), cfg.loss.kl_estimator);
         let kl_tok = host(kl_tok);
@@ -376,7 +382,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         }
         state.step += 1;
         // 5. the dynamic anchor (it stays where it was after a skipped step)
-        reference = advance_anchor(cfg.anchor, reference, &policy.valid(), state.step, bad);
+        reference = advance_anchor(cfg.anchor, reference, &optim.weights(&policy), state.step, bad);
         state.rng_word_pos = rng.get_word_pos();
         let n = samples.len() as f32;
         let mean = |f: &dyn Fn(&Sample) -> f32| samples.iter().map(f).sum::<f32>() / n;
@@ -407,7 +413,10 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         bar.set_message(format!("reward {:.3} acc {:.3} len {:.0}", record["reward"], record["accuracy"], record["response_length"]));
         metrics.log(&record);
         if !bad && (last || (t.save_every > 0 && state.step % t.save_every == 0)) {
-            common::save_checkpoint(&cfg.out_dir, &policy, &model_config, &tokenizer, &optim, &state, resolved, &[("reference", &reference)], t.keep_checkpoints)?;
+            let master = optim.master();
+            let mut extra = vec![("reference", &reference)];
+            extra.extend(master.iter().map(|m| (crate::master::MASTER_DIR, m)));
+            common::save_checkpoint(&cfg.out_dir, &policy, &model_config, &tokenizer, &optim, &state, resolved, &extra, t.keep_checkpoints)?;
         }
     }
     bar.finish();

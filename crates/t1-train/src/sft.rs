@@ -92,6 +92,10 @@ pub struct OptimConfig {
     pub eps: f32,
     /// Global L2 norm clip of the gradients (0 = off).
     pub grad_clip: f32,
+    /// Keep f32 master weights and f32 AdamW moments while forward and backward run in the
+    /// model's bf16 (PyTorch AMP style). Unset = on for bf16; false = pure bf16, whose updates
+    /// round away at small learning rates. An error with f32 weights.
+    pub master_weights: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,7 +176,7 @@ impl Default for SftData {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { lr: 1e-5, min_lr_ratio: 0.0, warmup_steps: 0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0 }
+        Self { lr: 1e-5, min_lr_ratio: 0.0, warmup_steps: 0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0, master_weights: None }
     }
 }
 
@@ -217,9 +221,10 @@ impl SftConfig {
         if self.data.max_len < 2 {
             return bad("data.max_len must be >= 2");
         }
-        if WeightDtype::parse(&self.model.dtype).is_none() {
+        let Some(dtype) = WeightDtype::parse(&self.model.dtype) else {
             return bad("model.dtype must be f32 or bf16");
-        }
+        };
+        crate::master::uses_master_weights(&self.optim, dtype)?;
         Ok(())
     }
 }
@@ -261,7 +266,7 @@ pub fn init_model<B: Backend>(
         config.bos_token_id = None;
         config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
         let model = Qwen2::init(&config, device);
-        let model = if dtype == WeightDtype::F32 { model } else { cast_model(model, dtype) };
+        let model = crate::master::cast(model, dtype.burn());
         Ok((config, model, tokenizer))
     } else {
         let (config, model) = t1_model::load(&source.checkpoint, dtype, device)?;
@@ -271,18 +276,6 @@ pub fn init_model<B: Backend>(
         })?;
         Ok((config, model, tokenizer))
     }
-}
-
-fn cast_model<B: Backend>(model: Qwen2<B>, dtype: WeightDtype) -> Qwen2<B> {
-    use burn::module::{Module, ModuleMapper, Param};
-    struct Cast(burn::tensor::DType);
-    impl<B: Backend> ModuleMapper<B> for Cast {
-        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (id, t, m) = p.consume();
-            Param::from_mapped_value(id, t.cast(self.0), m)
-        }
-    }
-    model.map(&mut Cast(dtype.burn()))
 }
 
 /// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
@@ -367,7 +360,7 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
-    let (model_config, mut model, tokenizer) = init_model::<B>(&cfg.model, &cfg.data.tokenizer, device)?;
+    let (model_config, mut model, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, &cfg.data.tokenizer, device)?;
     if cfg.data.max_len > model_config.max_position_embeddings {
         return Err(TrainError::Config {
             origin: "data.max_len".into(),
@@ -396,13 +389,11 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
     let per_step = t.batch_size * t.grad_accum;
     let steps_per_epoch = train.len().div_ceil(per_step);
     let total = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
-    let mut optim = cfg.optim.adamw().init::<B, Qwen2<B>>();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     if resume {
         match common::list_checkpoints(&cfg.out_dir).last() {
             Some(dir) => {
-                let (_, loaded) = t1_model::load::<B>(dir, WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32), device)?;
-                model = loaded;
+                model = crate::master::resume_weights(dir, &cfg.model, &mut optim, device)?;
                 (optim, state) = common::load_resume_state(dir, optim, device)?;
                 eprintln!("resuming from {} at step {}", dir.display(), state.step);
             }
@@ -475,7 +466,9 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
         }
         metrics.log(&record);
         if last || (t.save_every > 0 && state.step % t.save_every == 0) {
-            common::save_checkpoint(&cfg.out_dir, &model, &model_config, &tokenizer, &optim, &state, resolved, &[], t.keep_checkpoints)?;
+            let master = optim.master();
+            let extra: Vec<_> = master.iter().map(|m| (crate::master::MASTER_DIR, m)).collect();
+            common::save_checkpoint(&cfg.out_dir, &model, &model_config, &tokenizer, &optim, &state, resolved, &extra, t.keep_checkpoints)?;
         }
     }
     bar.finish();

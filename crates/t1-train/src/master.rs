@@ -1,0 +1,306 @@
+//! Mixed precision the way PyTorch AMP and FSDP users know it: forward and backward run on a
+//! bf16 copy of the weights, while f32 master weights and f32 AdamW moments take the update.
+//!
+//! Pure bf16 training loses its updates: a step smaller than half a bf16 spacing (about 2^-9
+//! of the weight) rounds away, and at T1's learning rates (1e-5 SFT, 1.5e-6 RL) that is most
+//! steps of most weights. [`MasterWeights`] is an [`Optimizer`] over the bf16 model: each step
+//! casts the gradients to f32, steps the f32 master with AdamW, and returns the master cast
+//! back to bf16. With f32 weights (or `optim.master_weights = false`) it is plain AdamW.
+//!
+//! Checkpoints keep the bf16 model in the Hugging Face layout; the f32 master is saved next to
+//! the optimiser state in `master/` (an f32 Hugging Face directory), so a resumed run continues
+//! from the same f32 weights and is exact.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor};
+use std::path::Path;
+
+use t1_data::ChatTokenizer;
+use t1_model::{Qwen2, Qwen2Config, WeightDtype};
+
+use crate::sft::{init_model, ModelSource, OptimConfig};
+use crate::TrainError;
+
+/// The checkpoint subdirectory that holds the f32 master weights.
+pub const MASTER_DIR: &str = "master";
+
+/// Whether a run with weights in `dtype` keeps f32 master weights: `optim.master_weights`, or,
+/// when unset, yes for bf16/f16 and no for f32. Master weights with f32 weights are an error.
+pub fn uses_master_weights(optim: &OptimConfig, dtype: WeightDtype) -> Result<bool, TrainError> {
+    match (optim.master_weights, dtype) {
+        (Some(true), WeightDtype::F32) => Err(TrainError::Config {
+            origin: "optim.master_weights".into(),
+            message: "master weights are for bf16 training (model.dtype = \"bf16\"); f32 weights are their own master: remove optim.master_weights or set model.dtype = \"bf16\"".into(),
+        }),
+        (Some(on), _) => Ok(on),
+        (None, dtype) => Ok(dtype != WeightDtype::F32),
+    }
+}
+
+/// AdamW over a model whose weights may be a low-precision copy of f32 master weights.
+#[derive(Clone)]
+pub struct MasterWeights<B: AutodiffBackend> {
+    adamw: OptimizerAdaptor<AdamW, Qwen2<B>, B>,
+    /// The f32 weights the optimiser steps (None: it steps the model itself).
+    master: Option<Qwen2<B>>,
+    /// The dtype forward and backward run in.
+    compute: DType,
+}
+
+impl<B: AutodiffBackend> MasterWeights<B> {
+    /// Plain AdamW on the model's own weights (f32, or pure bf16).
+    pub fn plain(cfg: &OptimConfig) -> Self {
+        Self { adamw: cfg.adamw().init::<B, Qwen2<B>>(), master: None, compute: DType::F32 }
+    }
+
+    /// AdamW on f32 master weights taken from `weights` (cast to f32 if they are not), and the
+    /// model to train: `weights` cast to `compute`, with the same parameter ids.
+    pub fn mixed(cfg: &OptimConfig, weights: Qwen2<B>, compute: WeightDtype) -> (Qwen2<B>, Self) {
+        let master = leaf(cast(weights.valid(), DType::F32));
+        let model = leaf(cast(master.valid(), compute.burn()));
+        (model, Self { adamw: cfg.adamw().init::<B, Qwen2<B>>(), master: Some(master), compute: compute.burn() })
+    }
+
+    /// The f32 master weights, when this run keeps them.
+    pub fn master(&self) -> Option<Qwen2<B::InnerBackend>> {
+        self.master.as_ref().map(|m| m.valid())
+    }
+
+    /// Replaces the master weights (resume); the returned model is their compute-dtype copy.
+    pub fn set_master(&mut self, weights: Qwen2<B::InnerBackend>) -> Option<Qwen2<B>> {
+        self.master.as_ref()?;
+        let master = cast(weights, DType::F32);
+        let model = leaf(cast(master.clone(), self.compute));
+        self.master = Some(leaf(master));
+        Some(model)
+    }
+
+    /// The weights the update is measured on: the master when there is one, else `model`.
+    pub fn weights(&self, model: &Qwen2<B>) -> Qwen2<B::InnerBackend> {
+        self.master().unwrap_or_else(|| model.valid())
+    }
+}
+
+impl<B: AutodiffBackend> Optimizer<Qwen2<B>, B> for MasterWeights<B> {
+    type Record = <OptimizerAdaptor<AdamW, Qwen2<B>, B> as Optimizer<Qwen2<B>, B>>::Record;
+
+    fn step(&mut self, lr: f64, module: Qwen2<B>, grads: GradientsParams) -> Qwen2<B> {
+        let Some(master) = self.master.take() else {
+            // pure low precision: the gradients in the weights' own dtype
+            let dtype = module.dtype();
+            let grads = cast_grads(&module, grads, dtype);
+            return self.adamw.step(lr, module, grads);
+        };
+        let grads = cast_grads(&module, grads, DType::F32);
+        let master = self.adamw.step(lr, master, grads);
+        let model = leaf(cast(master.valid(), self.compute));
+        self.master = Some(master);
+        model
+    }
+
+    fn step_multi(&mut self, lr: f64, module: Qwen2<B>, grads: MultiGradientsParams) -> Qwen2<B> {
+        let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
+        for (g, _) in grads.grads {
+            accum.accumulate(&module, g);
+        }
+        self.step(lr, module, accum.grads())
+    }
+
+    fn to_record(&self) -> Self::Record {
+        self.adamw.to_record()
+    }
+
+    fn load_record(mut self, record: Self::Record) -> Self {
+        self.adamw = self.adamw.load_record(record);
+        self
+    }
+}
+
+/// The model with every float parameter cast to `dtype` (ids kept).
+pub fn cast<B: Backend>(model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
+    struct Cast(DType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, m) = p.consume();
+            let t = match (t.dtype() == self.0, t.is_require_grad()) {
+                (true, _) => t,
+                // a trained parameter stays a graph leaf
+                (false, true) => t.cast(self.0).detach().require_grad(),
+                (false, false) => t.cast(self.0),
+            };
+            Param::from_mapped_value(id, t, m)
+        }
+    }
+    model.map(&mut Cast(dtype))
+}
+
+/// An autodiff model to train from inner weights: every float parameter a leaf that requires
+/// gradients (`from_inner` alone keeps the flag of the inner module, which a cast has lost).
+pub fn leaf<B: AutodiffBackend>(inner: Qwen2<B::InnerBackend>) -> Qwen2<B> {
+    struct RequireGrad;
+    impl<B: AutodiffBackend> ModuleMapper<B> for RequireGrad {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, m) = p.consume();
+            Param::from_mapped_value(id, t.require_grad(), m)
+        }
+    }
+    Qwen2::<B>::from_inner(inner).map(&mut RequireGrad)
+}
+
+/// The ids and ranks of a model's float parameters.
+pub(crate) fn param_ids<B: Backend, M: Module<B>>(model: &M) -> Vec<(ParamId, usize)> {
+    struct Ids(Vec<(ParamId, usize)>);
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.id, D));
+        }
+    }
+    let mut ids = Ids(vec![]);
+    model.visit(&mut ids);
+    ids.0
+}
+
+/// The gradients with every tensor cast to `dtype` (one parameter at a time, so the peak is one
+/// parameter's copy).
+pub fn cast_grads<B: AutodiffBackend>(model: &Qwen2<B>, mut grads: GradientsParams, dtype: DType) -> GradientsParams {
+    fn one<B: Backend, const D: usize>(grads: &mut GradientsParams, id: ParamId, dtype: DType) {
+        if let Some(g) = grads.remove::<B, D>(id) {
+            let g = if g.dtype() == dtype { g } else { g.cast(dtype) };
+            grads.register(id, g);
+        }
+    }
+    for (id, d) in param_ids::<B, _>(model) {
+        match d {
+            1 => one::<B::InnerBackend, 1>(&mut grads, id, dtype),
+            2 => one::<B::InnerBackend, 2>(&mut grads, id, dtype),
+            3 => one::<B::InnerBackend, 3>(&mut grads, id, dtype),
+            _ => {}
+        }
+    }
+    grads
+}
+
+/// The model to train (in `source.dtype`), its tokenizer and config, and its optimiser: with
+/// master weights, the f32 master is read from the checkpoint at full precision before the
+/// bf16 copy is made.
+pub fn init_trainable<B: AutodiffBackend>(
+    source: &ModelSource,
+    optim: &OptimConfig,
+    tokenizer: &Path,
+    device: &B::Device,
+) -> Result<(Qwen2Config, Qwen2<B>, ChatTokenizer, MasterWeights<B>), TrainError> {
+    let dtype = parse_dtype(source)?;
+    if !uses_master_weights(optim, dtype)? {
+        let (config, model, tok) = init_model::<B>(source, tokenizer, device)?;
+        return Ok((config, model, tok, MasterWeights::plain(optim)));
+    }
+    let f32_source = ModelSource { dtype: "f32".into(), ..source.clone() };
+    let (config, weights, tok) = init_model::<B>(&f32_source, tokenizer, device)?;
+    let (model, optim) = MasterWeights::mixed(optim, weights, dtype);
+    Ok((config, model, tok, optim))
+}
+
+/// The weights to resume from checkpoint `dir`: its model, or with master weights its f32
+/// `master/` (a checkpoint without one, e.g. from a pure bf16 run, starts the master from its
+/// bf16 weights, with a warning).
+pub fn resume_weights<B: AutodiffBackend>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
+    let dtype = parse_dtype(source)?;
+    if optim.master.is_none() {
+        return Ok(t1_model::load::<B>(dir, dtype, device)?.1);
+    }
+    let master_dir = dir.join(MASTER_DIR);
+    let from = if master_dir.join(t1_model::hf::CONFIG_FILE).exists() {
+        master_dir
+    } else {
+        eprintln!("warning: {} has no {MASTER_DIR}/ (f32 master weights); starting them from its {} weights", dir.display(), source.dtype);
+        dir.to_path_buf()
+    };
+    let (_, weights) = t1_model::load::<B::InnerBackend>(&from, WeightDtype::F32, device)?;
+    Ok(optim.set_master(weights).expect("master weights are on"))
+}
+
+fn parse_dtype(source: &ModelSource) -> Result<WeightDtype, TrainError> {
+    WeightDtype::parse(&source.dtype)
+        .ok_or_else(|| TrainError::Config { origin: "model.dtype".into(), message: format!("{:?} is not a dtype: use \"f32\" or \"bf16\"", source.dtype) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use t1_data::{pad_batch, TokenizedExample};
+
+    type Ad = Autodiff<Flex>;
+
+    fn weights<B: Backend>(m: &Qwen2<B>) -> Vec<f32> {
+        t1_model::hf::named_tensors(m).into_iter().flat_map(|(_, d)| d.convert::<f32>().to_vec::<f32>().unwrap()).collect()
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f64 {
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (na * nb)
+    }
+
+    /// The weight update of `steps` SFT steps at T1's SFT learning rate (1e-5) on a fixed batch,
+    /// from the same f32 initial weights: in f32, or in bf16 with or without master weights.
+    /// The update is measured on the weights the run ends with (the master when it has one).
+    fn update(dtype: WeightDtype, master: Option<bool>, steps: usize) -> Vec<f32> {
+        let device = Default::default();
+        <Ad as Backend>::seed(&device, 7);
+        let mut config = Qwen2Config::tiny(64, 64, 2, 4, 2);
+        config.initializer_range = 0.08;
+        let init: Qwen2<Ad> = Qwen2::init(&config, &device);
+        let cfg = OptimConfig { lr: 1e-5, master_weights: master, ..OptimConfig::default() };
+        let (mut model, mut optim) = if uses_master_weights(&cfg, dtype).unwrap() {
+            MasterWeights::mixed(&cfg, init, dtype)
+        } else {
+            (leaf(cast(init.valid(), dtype.burn())), MasterWeights::plain(&cfg))
+        };
+        // the update from the weights the run starts with (pure bf16: the bf16-rounded ones)
+        let before = weights(&optim.weights(&model));
+        assert_eq!(model.dtype(), dtype.burn());
+        let examples: Vec<TokenizedExample> = (0..4u32)
+            .map(|r| TokenizedExample { ids: (0..24u32).map(|t| (r * 17 + t * 5 + t * t) % 64).collect(), loss_mask: vec![true; 24] })
+            .collect();
+        let batch = pad_batch(&examples.iter().collect::<Vec<_>>(), 0);
+        for _ in 0..steps {
+            let (grads, loss) = crate::sft::step_grads(&model, vec![vec![batch.clone()]]);
+            assert!(loss.is_finite());
+            let (grads, _) = crate::common::clip_global_norm(&model, grads, cfg.grad_clip);
+            model = optim.step(cfg.lr, model, grads);
+        }
+        assert_eq!(model.dtype(), dtype.burn(), "the trained model keeps its dtype");
+        weights(&optim.weights(&model)).iter().zip(&before).map(|(a, b)| a - b).collect()
+    }
+
+    #[test]
+    fn bf16_with_master_weights_tracks_f32_and_pure_bf16_does_not() {
+        let steps = 20;
+        let f32_update = update(WeightDtype::F32, None, steps);
+        let mixed = update(WeightDtype::Bf16, None, steps);
+        let pure = update(WeightDtype::Bf16, Some(false), steps);
+        let moved = |u: &[f32]| u.iter().filter(|&&d| d != 0.0).count() as f64 / u.len() as f64;
+        let (c_mixed, c_pure) = (cosine(&mixed, &f32_update), cosine(&pure, &f32_update));
+        eprintln!("cosine with the f32 update: master weights {c_mixed:.4}, pure bf16 {c_pure:.4}; weights moved: f32 {:.3}, master {:.3}, pure {:.3}", moved(&f32_update), moved(&mixed), moved(&pure));
+        assert!(moved(&f32_update) > 0.99, "the f32 run should move every weight");
+        assert!(c_mixed >= 0.95, "bf16 with f32 master weights must track the f32 update: cosine {c_mixed}");
+        // the defect master weights fix: without them most bf16 updates round away
+        assert!(!(c_pure >= 0.95), "pure bf16 unexpectedly tracked f32 (cosine {c_pure}): the test no longer shows what master weights fix");
+    }
+
+    #[test]
+    fn master_weights_are_refused_with_f32_weights() {
+        let cfg = OptimConfig { master_weights: Some(true), ..OptimConfig::default() };
+        let err = uses_master_weights(&cfg, WeightDtype::F32).unwrap_err().to_string();
+        assert!(err.contains("optim.master_weights") && err.contains("bf16"), "{err}");
+        assert!(uses_master_weights(&OptimConfig::default(), WeightDtype::Bf16).unwrap());
+        assert!(!uses_master_weights(&OptimConfig::default(), WeightDtype::F32).unwrap());
+        let off = OptimConfig { master_weights: Some(false), ..OptimConfig::default() };
+        assert!(!uses_master_weights(&off, WeightDtype::Bf16).unwrap());
+    }
+}
