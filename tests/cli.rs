@@ -127,3 +127,84 @@ fn presets_parse() {
     let (c, _) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&root.join("qwen2.5-14b-sft.toml")), &[]).unwrap();
     assert_eq!((c.train.epochs, c.optim.lr), (3, 1e-5));
 }
+
+/// Every Qwen2.5 preset states its `t1 plan` verdict for one 80 GB and one 141 GB GPU; the
+/// verdict must be what the plan says today.
+#[test]
+fn preset_comments_state_the_plans_verdict() {
+    let root = fixture("../../configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let Some(size) = name.strip_prefix("qwen2.5-").and_then(|n| n.split('-').next()) else { continue };
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = text.lines().find(|l| l.starts_with("# memory plan (t1 plan ")).unwrap_or_else(|| panic!("{name} has no '# memory plan' comment"));
+        let shape = t1_train::plan::qwen25(size).unwrap();
+        let plan = if name.ends_with("-rl.toml") {
+            assert!(line.contains("--prompt-tokens 512"), "{name}: {line}");
+            let (c, _) = t1_train::load_config::<t1_train::rl::RlConfig>(Some(&path), &[]).unwrap();
+            t1_train::plan::rl_plan(&c, &shape, 512).unwrap()
+        } else {
+            let (c, _) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&path), &[]).unwrap();
+            t1_train::plan::sft_plan(&c, &shape).unwrap()
+        };
+        let gib = plan.peak as f64 / (1u64 << 30) as f64;
+        let verdict = |gb: u64| if plan.peak <= gb << 30 { "fits" } else { "does not fit" };
+        let want = format!("peak {gib:.1} GiB -> {} one 80 GB GPU, {} one 141 GB GPU", verdict(80), verdict(141));
+        assert!(line.ends_with(&want), "{name}: the comment says\n  {line}\nbut t1 plan now gives\n  {want}");
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "presets with a plan verdict");
+}
+
+#[test]
+fn plan_prints_every_item_and_refuses_bad_input() {
+    let model = fixture("qwen2-gqa");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sft.toml");
+    std::fs::write(&cfg, format!("out_dir = {:?}\n[model]\ncheckpoint = {:?}\n[data]\ntrain = \"x.jsonl\"\nmax_len = 64\n", dir.path().join("out").display().to_string(), model.display().to_string())).unwrap();
+    let c = cfg.to_str().unwrap();
+    let o = t1(&["plan", "sft", "--config", c, "--memory", "1GB"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for item in ["weights", "gradients", "optimizer", "activations", "logits", "peak", "fits"] {
+        assert!(out.contains(item), "no {item} in:\n{out}");
+    }
+    // a verdict against this machine's memory without --memory
+    let o = t1(&["plan", "sft", "--config", c]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("MemAvailable"), "{}", stderr(&o));
+    for (args, want) in [
+        (vec!["--memory", "lots"], "--memory"),
+        (vec!["--arch", "qwen2.5-13b"], "--arch"),
+        (vec!["--set", "model.dtype=\"f32\"", "--set", "optim.master_weights=true"], "optim.master_weights"),
+    ] {
+        let o = t1(&[&["plan", "sft", "--config", c][..], &args].concat());
+        assert!(!o.status.success() && stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    // a CUDA device that is not here (no driver): a clear error, not a guess
+    if std::process::Command::new("nvidia-smi").output().is_err() {
+        let o = t1(&["plan", "sft", "--config", c, "--device", "cuda:0"]);
+        assert!(!o.status.success() && stderr(&o).contains("--memory"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_run_that_cannot_fit_stops_before_writing_anything() {
+    let data = tempfile::tempdir().unwrap();
+    crate::train::tiny_task(data.path());
+    let out = data.path().join("out");
+    let mut cfg = crate::train::sft_config(data.path(), &out, 2);
+    // a 3.3T-parameter model from scratch: tens of TB, more than any machine has
+    cfg.model.scratch.hidden_size = 65536;
+    cfg.model.scratch.intermediate_size = 65536;
+    cfg.model.scratch.num_hidden_layers = 64;
+    cfg.model.scratch.num_attention_heads = 64;
+    cfg.model.scratch.num_key_value_heads = 64;
+    let path = data.path().join("huge.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let o = t1(&["sft", "--config", path.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("nothing was allocated") && err.contains("largest: ") && err.contains("--no-memory-check"), "{err}");
+    assert!(!out.exists(), "the refused run wrote {}", out.display());
+}

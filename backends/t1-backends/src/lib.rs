@@ -181,6 +181,41 @@ pub fn check_dtype(spec: &DeviceSpec, dtype: DType) -> Result<(), BackendError> 
     Ok(())
 }
 
+/// Memory a device has for a run, in bytes, and where the number comes from: the CPU's
+/// `MemAvailable` (/proc/meminfo) for flex; a CUDA GPU's free memory as its driver reports it
+/// (through `nvidia-smi`, which reads the driver's NVML); `None` for wgpu, whose API does not
+/// say (plan with an explicit size then).
+pub fn device_memory(spec: &DeviceSpec) -> Result<Option<(u64, String)>, BackendError> {
+    match spec {
+        DeviceSpec::Flex => {
+            let text = std::fs::read_to_string("/proc/meminfo").ok();
+            let kib = text.as_deref().and_then(|t| t.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok());
+            Ok(kib.map(|k| (k * 1024, "MemAvailable of /proc/meminfo".to_string())))
+        }
+        DeviceSpec::Wgpu(_) => Ok(None),
+        DeviceSpec::Cuda(i) => {
+            let unavailable = |reason: String| BackendError::Unavailable {
+                device: spec.to_string(),
+                reason,
+                hint: "check the NVIDIA driver (nvidia-smi), or plan for a GPU that is not here with --memory SIZE (e.g. --memory 80GB)",
+            };
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits", &format!("--id={i}")])
+                .output()
+                .map_err(|e| unavailable(format!("cannot run nvidia-smi to ask the driver for memory: {e}")))?;
+            if !out.status.success() {
+                return Err(unavailable(format!("nvidia-smi: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mib: Vec<u64> = text.trim().split(',').filter_map(|v| v.trim().parse().ok()).collect();
+            match mib[..] {
+                [free, total] => Ok(Some((free << 20, format!("free of {} MiB, from the driver", total)))),
+                _ => Err(unavailable(format!("unexpected nvidia-smi output {text:?}"))),
+            }
+        }
+    }
+}
+
 /// The backends compiled into this build, for help texts.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut v = Vec::new();

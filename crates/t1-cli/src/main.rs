@@ -9,6 +9,7 @@ use t1_backends::{BackendTask, DeviceSpec};
 mod bench;
 mod eval_cmds;
 mod model_cmds;
+mod plan_cmd;
 mod report;
 mod train_cmds;
 
@@ -117,6 +118,32 @@ enum Command {
     Sft(TrainArgs),
     /// Stage 2: reinforcement learning with oversampling, entropy bonus and a dynamic KL anchor
     Rl(TrainArgs),
+    /// Memory per device of an SFT or RL config: weights, master, gradients, optimiser, anchor,
+    /// activations, logits, rollout KV cache, and whether it fits
+    Plan {
+        /// Which stage the config is for
+        #[arg(value_enum)]
+        stage: plan_cmd::Stage,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// The device whose memory the plan is checked against: flex (MemAvailable), cuda:N (the driver's free memory)
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+        /// Plan for this much memory instead (a GPU that is not here), e.g. 80GB
+        #[arg(long)]
+        memory: Option<String>,
+        /// The architecture when the checkpoint is not on this machine: qwen2.5-0.5b, -1.5b, -3b, -7b, -14b, -32b
+        #[arg(long)]
+        arch: Option<String>,
+        /// RL: the longest prompt in tokens (default: read from data.train)
+        #[arg(long)]
+        prompt_tokens: Option<usize>,
+        /// One JSON object instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// Stage 3: accuracy vs thinking budget (forced answer when the budget runs out)
     Eval {
         /// One or more checkpoint directories (each with tokenizer.json); one curve each
@@ -226,6 +253,9 @@ struct TrainArgs {
     /// flex (CPU), wgpu, wgpu:N, cuda, cuda:N
     #[arg(long, default_value = "flex")]
     device: DeviceSpec,
+    /// Start even when the memory plan says the run does not fit the device
+    #[arg(long)]
+    no_memory_check: bool,
 }
 
 fn main() {
@@ -274,13 +304,22 @@ fn run(cli: Cli) -> Result<()> {
             let (config, resolved) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&a.config), &a.sets)?;
             config.validate()?;
             check_dtype(&a.device, &config.model.dtype)?;
+            if !a.no_memory_check {
+                plan_cmd::check_before_run(plan_cmd::Stage::Sft, &a.config, &a.sets, &a.device)?;
+            }
             dispatch(&a.device, train_cmds::Sft { config, resolved, resume: a.resume })
         }
         Command::Rl(a) => {
             let (config, resolved) = t1_train::load_config::<t1_train::rl::RlConfig>(Some(&a.config), &a.sets)?;
             config.validate()?;
             check_dtype(&a.device, &config.model.dtype)?;
+            if !a.no_memory_check {
+                plan_cmd::check_before_run(plan_cmd::Stage::Rl, &a.config, &a.sets, &a.device)?;
+            }
             dispatch(&a.device, train_cmds::Rl { config, resolved, resume: a.resume })
+        }
+        Command::Plan { stage, config, sets, device, memory, arch, prompt_tokens, json } => {
+            plan_cmd::run(plan_cmd::PlanArgs { stage, config, sets, device, memory, arch, prompt_tokens, json })
         }
         Command::Eval { model, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
             let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, threads: threads.max(1), ..Default::default() };

@@ -7,6 +7,7 @@ pub mod crosscheck;
 pub mod generate;
 pub mod master;
 pub mod parallel;
+pub mod plan;
 pub mod rl;
 pub mod sft;
 

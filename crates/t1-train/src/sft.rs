@@ -255,16 +255,7 @@ pub fn init_model<B: Backend>(
     };
     let tokenizer = ChatTokenizer::from_file(&tok_path)?;
     if source.checkpoint.as_os_str().is_empty() {
-        let s = &source.scratch;
-        let mut config = Qwen2Config::tiny(tokenizer.vocab_size(), s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads);
-        config.intermediate_size = s.intermediate_size;
-        config.tie_word_embeddings = s.tie_word_embeddings;
-        config.rope_theta = Some(s.rope_theta);
-        config.max_position_embeddings = s.max_position_embeddings;
-        config.initializer_range = s.initializer_range;
-        config.eos_token_id = Some(tokenizer.eos_id().into());
-        config.bos_token_id = None;
-        config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
+        let config = scratch_config(&source.scratch, &tokenizer)?;
         let model = Qwen2::init(&config, device);
         let model = crate::master::cast(model, dtype.burn());
         Ok((config, model, tokenizer))
@@ -276,6 +267,20 @@ pub fn init_model<B: Backend>(
         })?;
         Ok((config, model, tokenizer))
     }
+}
+
+/// The architecture `[model.scratch]` describes, with the tokenizer's vocabulary and EOS.
+pub fn scratch_config(s: &ScratchModel, tokenizer: &ChatTokenizer) -> Result<Qwen2Config, TrainError> {
+    let mut config = Qwen2Config::tiny(tokenizer.vocab_size(), s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads);
+    config.intermediate_size = s.intermediate_size;
+    config.tie_word_embeddings = s.tie_word_embeddings;
+    config.rope_theta = Some(s.rope_theta);
+    config.max_position_embeddings = s.max_position_embeddings;
+    config.initializer_range = s.initializer_range;
+    config.eos_token_id = Some(tokenizer.eos_id().into());
+    config.bos_token_id = None;
+    config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
+    Ok(config)
 }
 
 /// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
