@@ -11,7 +11,8 @@ Each bench prints one JSON line like `t1 bench sft|generate` does:
   loss token, next-token cross entropy), PyTorch eager, after one warm-up step;
 - generate: newly sampled tokens/s of HF `generate` (KV cache, temperature 1, no top-k/top-p),
   every sequence generating exactly `new` tokens (EOS disabled), after a 4-token warm-up;
-plus the peak resident memory of the process (ru_maxrss). `--dtype bfloat16` runs in bf16.
+plus the peak resident memory of the process (ru_maxrss). `--dtype bfloat16` runs in bf16;
+`--device cuda` runs on the GPU (timings synchronised, plus its peak allocated memory).
 """
 import argparse
 import json
@@ -26,9 +27,18 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def load(path, dtype):
+def load(path, dtype, device="cpu"):
     model = Qwen2ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    return model
+    return model.to(device)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gpu_peak_mib(device):
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
 
 def make(args):
@@ -45,10 +55,10 @@ def make(args):
 
 
 def sft(args):
-    model = load(args.model, args.dtype).train()
+    model = load(args.model, args.dtype, args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), generator=g).to(args.device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     times = []
     for _ in range(args.steps + 1):
@@ -58,6 +68,7 @@ def sft(args):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(args.device)
         times.append(time.perf_counter() - start)
     secs = sum(times[1:]) / max(1, len(times) - 1)
     tokens = args.batch * args.seq
@@ -66,19 +77,21 @@ def sft(args):
         "bench": "sft", "impl": "pytorch-eager", "params": params, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "dtype": args.dtype, "threads": torch.get_num_threads(), "step_s": secs,
         "tokens_per_s": tokens / secs, "gflop_per_s_6nd": 6 * params * tokens / secs / 1e9,
-        "warmup_s": times[0], "peak_rss_mib": peak_rss_mib(),
+        "warmup_s": times[0], "peak_rss_mib": peak_rss_mib(), "device": args.device, "peak_gpu_mib": gpu_peak_mib(args.device),
     }))
 
 
 def generate(args):
-    model = load(args.model, args.dtype).eval()
+    model = load(args.model, args.dtype, args.device).eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g).to(args.device)
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        sync(args.device)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, **kw)
+        sync(args.device)
         secs = time.perf_counter() - start
     new = (out.shape[1] - args.prompt) * args.batch
     assert new == args.batch * args.new, (out.shape, args.new)
@@ -86,6 +99,7 @@ def generate(args):
         "bench": "generate", "impl": "hf-generate", "params": sum(p.numel() for p in model.parameters()),
         "batch": args.batch, "prompt": args.prompt, "new": args.new, "dtype": args.dtype,
         "threads": torch.get_num_threads(), "seconds": secs, "tokens_per_s": new / secs, "peak_rss_mib": peak_rss_mib(),
+        "device": args.device, "peak_gpu_mib": gpu_peak_mib(args.device),
     }))
 
 
@@ -106,12 +120,14 @@ def main():
     s.add_argument("--seq", type=int, default=256)
     s.add_argument("--steps", type=int, default=5)
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
     gen = sub.add_parser("generate")
     gen.add_argument("--model", required=True)
     gen.add_argument("--batch", type=int, default=16)
     gen.add_argument("--prompt", type=int, default=32)
     gen.add_argument("--new", type=int, default=128)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     {"make": make, "sft": sft, "generate": generate}[args.cmd](args)
 

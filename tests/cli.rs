@@ -177,6 +177,7 @@ fn plan_prints_every_item_and_refuses_bad_input() {
     for (args, want) in [
         (vec!["--memory", "lots"], "--memory"),
         (vec!["--arch", "qwen2.5-13b"], "--arch"),
+        (vec!["--set", "train.activation_checkpointing=\"full\""], "expected `none` or `layer`"),
         (vec!["--set", "model.dtype=\"f32\"", "--set", "optim.master_weights=true"], "optim.master_weights"),
     ] {
         let o = t1(&[&["plan", "sft", "--config", c][..], &args].concat());
@@ -207,4 +208,34 @@ fn a_run_that_cannot_fit_stops_before_writing_anything() {
     let err = stderr(&o);
     assert!(!o.status.success() && err.contains("nothing was allocated") && err.contains("largest: ") && err.contains("--no-memory-check"), "{err}");
     assert!(!out.exists(), "the refused run wrote {}", out.display());
+}
+
+/// scripts/gpu-check.sh runs up to the point where it needs CUDA: it makes its inputs with the
+/// t1 binary and numpy, then stops with exit code 3 and a clear message where there is no GPU.
+#[test]
+fn gpu_check_script_runs_until_it_needs_a_gpu() {
+    if std::process::Command::new("nvidia-smi").arg("-L").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: a GPU is here; run scripts/gpu-check.sh itself");
+        return;
+    }
+    let python = std::env::var("T1_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_numpy = std::process::Command::new(&python).args(["-c", "import numpy, safetensors"]).output().is_ok_and(|o| o.status.success());
+    if !has_numpy {
+        assert!(std::env::var("CI").is_err(), "CI must provide T1_PYTHON with numpy and safetensors (.ci/run does)");
+        eprintln!("SKIPPED: {python} lacks numpy/safetensors (set T1_PYTHON, as .ci/run does)");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("bash")
+        .arg(fixture("../../scripts/gpu-check.sh"))
+        .arg(env!("CARGO_BIN_EXE_t1"))
+        .arg(out.path())
+        .env("GPU_CHECK_SHAPES", "m18")
+        .env("PYTHON", &python)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("no NVIDIA GPU"), "{err}");
+    assert!(out.path().join("m18/config.json").exists() && out.path().join("task/sft_train.jsonl").exists(), "{err}");
 }

@@ -297,14 +297,18 @@ fn sft_gradients_are_the_same_with_threads_and_micro_batches() {
     // f32 sums of up to `tokens` terms in another order: a few ulps per term, relative to each
     // parameter's largest gradient entry
     let bound = 4.0 * f32::EPSILON * tokens as f32;
-    let splits: Vec<(&str, Vec<Vec<std::ops::Range<usize>>>)> = vec![
-        ("one shard", vec![vec![0..8]]),
-        ("2 micro-batches x 2 shards", vec![vec![0..2, 2..4], vec![4..6, 6..8]]),
-        ("3 + 3 + 2 on 1, 2, 2 shards", vec![vec![0..3], vec![3..4, 4..6], vec![6..7, 7..8]]),
+    use t1_train::checkpoint::ActivationCheckpointing::{Layer, None as Kept};
+    let splits: Vec<(&str, _, Vec<Vec<std::ops::Range<usize>>>)> = vec![
+        ("one shard", Kept, vec![vec![0..8]]),
+        ("2 micro-batches x 2 shards", Kept, vec![vec![0..2, 2..4], vec![4..6, 6..8]]),
+        ("3 + 3 + 2 on 1, 2, 2 shards", Kept, vec![vec![0..3], vec![3..4, 4..6], vec![6..7, 7..8]]),
+        // every layer recomputed in the backward pass from its input
+        ("layer checkpointing, one shard", Layer, vec![vec![0..8]]),
+        ("layer checkpointing, 2 micro-batches x 2 shards", Layer, vec![vec![0..2, 2..4], vec![4..6, 6..8]]),
     ];
-    for (what, split) in splits {
+    for (what, mode, split) in splits {
         let micro = split.into_iter().map(|shards| shards.into_iter().map(&batch).collect()).collect();
-        let (grads, loss) = t1_train::sft::step_grads(&model, micro);
+        let (grads, loss) = t1_train::sft::step_grads(&model, micro, mode);
         assert!((loss - want_loss).abs() <= bound * want_loss.abs(), "{what}: loss {loss} vs {want_loss}");
         let got = grad_values(&model, &grads);
         assert_eq!(got.len(), want.len());
@@ -317,4 +321,49 @@ fn sft_gradients_are_the_same_with_threads_and_micro_batches() {
         }
         println!("{what}: worst gradient difference {worst:.3e} of the parameter's largest entry (bound {bound:.3e})");
     }
+}
+
+/// Layer checkpointing against keeping every activation, on one backend: the largest relative
+/// difference of any parameter's gradient (relative to its largest entry).
+struct CheckpointedVsKept;
+
+impl t1_backends::BackendTask for CheckpointedVsKept {
+    type Output = f32;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> f32 {
+        use t1_train::checkpoint::ActivationCheckpointing;
+        let (flex_model, batch) = tiny_sft_setup();
+        // the same weights on this backend
+        let model: t1_model::Qwen2<B> = {
+            let named = hf::named_tensors(&flex_model);
+            let config = t1_model::Qwen2Config::tiny(flex_model.vocab_size(), 32, 2, 4, 2);
+            hf::from_named_tensors(&config, named, WeightDtype::F32, &device).unwrap()
+        };
+        // two sequences: on lavapipe every kernel shape compiles its shaders (8 took 3.6 minutes)
+        let b = batch(0..2);
+        let tokens = b.target_mask.iter().filter(|&&m| m).count() as f32;
+        let (kept, v1) = t1_train::sft::batch_grads(&model, &b, tokens, ActivationCheckpointing::None);
+        let (ckpt, v2) = t1_train::sft::batch_grads(&model, &b, tokens, ActivationCheckpointing::Layer);
+        assert!((v1 - v2).abs() <= 1e-6 * v1.abs(), "loss {v1} vs {v2}");
+        let (want, got) = (grad_values(&model, &kept), grad_values(&model, &ckpt));
+        assert_eq!(want.len(), got.len());
+        want.iter().zip(&got).enumerate().map(|(i, (w, g))| {
+            assert!(!w.is_empty() && !g.is_empty(), "parameter {i} has no gradient");
+            max_rel_diff(w, g, 1e-30)
+        }).fold(0.0, f32::max)
+    }
+}
+
+#[test]
+fn layer_checkpointing_gives_the_same_gradients_on_flex() {
+    let worst = t1_backends::dispatch(&t1_backends::DeviceSpec::Flex, CheckpointedVsKept).unwrap();
+    println!("flex: checkpointed vs kept gradients differ by at most {worst:.3e} of a parameter's largest entry");
+    assert!(worst <= 1e-6, "{worst:e}");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn layer_checkpointing_gives_the_same_gradients_on_wgpu() {
+    let worst = t1_backends::dispatch(&t1_backends::DeviceSpec::Wgpu(t1_backends::WgpuKind::Default), CheckpointedVsKept).unwrap();
+    println!("wgpu: checkpointed vs kept gradients differ by at most {worst:.3e} of a parameter's largest entry");
+    assert!(worst <= 1e-6, "{worst:e}");
 }

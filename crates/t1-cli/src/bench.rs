@@ -22,6 +22,7 @@ pub struct BenchSft {
     pub steps: usize,
     pub threads: usize,
     pub dtype: WeightDtype,
+    pub checkpointing: t1_train::checkpoint::ActivationCheckpointing,
 }
 
 impl BackendTask for BenchSft {
@@ -49,7 +50,10 @@ impl BackendTask for BenchSft {
         for _ in 0..self.steps + 1 {
             let start = Instant::now();
             let shards: Vec<SftBatch> = split_even(b, self.threads).into_iter().map(&shard).collect();
-            let (grads, _loss, _) = sharded_grads(&model, shards, |m, s| (t1_train::sft::sft_nll_sum(m, &s).div_scalar(tokens), ()));
+            let (grads, _loss, _) = sharded_grads(&model, shards, |m, s| {
+                let (g, v) = t1_train::sft::batch_grads(m, &s, tokens, self.checkpointing);
+                (g, v, ())
+            });
             let mut accum = GradientsAccumulator::new();
             accum.accumulate(&model, grads);
             model = optim.step(1e-4, model, accum.grads());
@@ -61,7 +65,7 @@ impl BackendTask for BenchSft {
         let secs = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
         let flops = 6.0 * config.num_parameters() as f64 * tokens as f64;
         let line = serde_json::json!({
-            "bench": "sft", "params": config.num_parameters(), "batch": b, "seq": t, "steps": self.steps, "threads": self.threads,
+            "bench": "sft", "params": config.num_parameters(), "batch": b, "seq": t, "steps": self.steps, "threads": self.threads, "activation_checkpointing": format!("{:?}", self.checkpointing).to_lowercase(),
             "dtype": format!("{:?}", self.dtype).to_lowercase(),
             "step_s": secs, "tokens_per_s": tokens as f64 / secs, "gflop_per_s_6nd": flops / secs / 1e9,
             "warmup_s": times[0], "peak_rss_mib": peak_rss_mib(),

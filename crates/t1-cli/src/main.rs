@@ -40,6 +40,9 @@ enum BenchCommand {
         dtype: String,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
+        /// none, or layer: recompute each decoder layer in the backward pass
+        #[arg(long, default_value = "none")]
+        activation_checkpointing: String,
     },
     /// Decoding with the KV cache at temperature 1: new tokens/s, every sequence N tokens
     Generate {
@@ -330,11 +333,16 @@ fn run(cli: Cli) -> Result<()> {
             t1_backends::dispatch(&device, eval_cmds::Eval { models: model, data, config, limit, out })??;
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device } } => {
+        Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing } } => {
             check_dtype(&device, &dtype)?;
             let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
             anyhow::ensure!(batch > 0 && seq > 0 && steps > 0 && threads > 0, "--batch, --seq, --steps and --threads must be > 0");
-            dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype })
+            let checkpointing = match activation_checkpointing.as_str() {
+                "none" => t1_train::checkpoint::ActivationCheckpointing::None,
+                "layer" => t1_train::checkpoint::ActivationCheckpointing::Layer,
+                other => bail!("--activation-checkpointing {other:?}: use none or layer"),
+            };
+            dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype, checkpointing })
         }
         Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device } } => {
             check_dtype(&device, &dtype)?;

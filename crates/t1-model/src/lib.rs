@@ -15,7 +15,7 @@ mod team;
 
 pub use config::Qwen2Config;
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
-pub use model::{Inputs, KvCache, Qwen2};
+pub use model::{Inputs, KvCache, LayerInputs, Qwen2};
 pub use decode::DecodeWeights;
 
 use std::path::{Path, PathBuf};

@@ -321,6 +321,30 @@ impl<B: Backend> Qwen2<B> {
         fused::rms_norm(&self.norm, x)
     }
 
+    /// The token embeddings, `[batch, len, hidden]`: the first stage of a forward pass without a
+    /// cache. [`Qwen2::embed`] → [`Qwen2::layer`] for each layer → [`Qwen2::head`] is
+    /// [`Qwen2::forward`], in stages that activation checkpointing can recompute one at a time.
+    pub fn embed(&self, inputs: &Inputs) -> Tensor<B, 3> {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(inputs.ids.clone(), [inputs.batch, inputs.len]), &self.device());
+        self.embed_tokens.forward(ids)
+    }
+
+    /// What every layer of one forward pass shares: the rotary tables and the attention bias.
+    pub fn layer_inputs(&self, inputs: &Inputs) -> LayerInputs<B> {
+        let (device, dtype) = (self.device(), self.dtype());
+        LayerInputs { rope: self.rope_tables(inputs, &device, dtype), bias: attention_bias::<B>(inputs, &device, dtype) }
+    }
+
+    /// Decoder layer `i` on hidden states `x` `[batch, len, hidden]` (no cache).
+    pub fn layer(&self, i: usize, x: Tensor<B, 3>, shared: &LayerInputs<B>) -> Tensor<B, 3> {
+        self.layers[i].forward(x, &shared.rope, shared.bias.clone(), None)
+    }
+
+    /// The final RMSNorm and the head: last hidden states → logits `[batch, len, vocab]`.
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lm_head(fused::rms_norm(&self.norm, x))
+    }
+
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
@@ -373,6 +397,13 @@ pub(crate) fn rope_angles(positions: &[i64], theta: f32, d: usize) -> (Vec<f32>,
         }
     }
     (cos, sin)
+}
+
+/// The rotary tables and attention bias one forward pass shares between its layers
+/// ([`Qwen2::layer_inputs`]).
+pub struct LayerInputs<B: Backend> {
+    rope: Rope<B>,
+    bias: Tensor<B, 4>,
 }
 
 /// Rotary tables (cos, sin) of one forward call, `[batch, len, heads, head_dim]`, for the query

@@ -1,6 +1,7 @@
 //! The training loops of T1: [`sft`] (stage 1) and [`rl`] (stage 2), the rollout sampler
 //! [`generate`], and what they share ([`common`]: schedule, clipping, metrics, checkpoints).
 
+pub mod checkpoint;
 pub mod common;
 pub mod config;
 pub mod crosscheck;

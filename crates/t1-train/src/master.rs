@@ -269,7 +269,7 @@ mod tests {
             .collect();
         let batch = pad_batch(&examples.iter().collect::<Vec<_>>(), 0);
         for _ in 0..steps {
-            let (grads, loss) = crate::sft::step_grads(&model, vec![vec![batch.clone()]]);
+            let (grads, loss) = crate::sft::step_grads(&model, vec![vec![batch.clone()]], Default::default());
             assert!(loss.is_finite());
             let (grads, _) = crate::common::clip_global_norm(&model, grads, cfg.grad_clip);
             model = optim.step(cfg.lr, model, grads);

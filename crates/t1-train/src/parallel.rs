@@ -12,24 +12,20 @@
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
 use t1_model::Qwen2;
 
-/// Sums `loss(model, shard)` and its gradients over `shards`, one thread per shard (no threads
-/// for a single shard). `loss` returns the shard's loss `[1]` and any per-shard statistics.
-/// Returns the summed gradients, the summed loss values and the statistics in shard order.
-pub fn sharded_grads<B, S, E, F>(model: &Qwen2<B>, shards: Vec<S>, loss: F) -> (GradientsParams, f32, Vec<E>)
+/// Sums the gradients `grads(model, shard)` computes over `shards`, one thread per shard (no
+/// threads for a single shard). `grads` returns the shard's gradients, its loss value and any
+/// per-shard statistics ([`crate::checkpoint::loss_grads`] makes them from a loss). Returns the
+/// summed gradients, the summed loss values and the statistics in shard order.
+pub fn sharded_grads<B, S, E, F>(model: &Qwen2<B>, shards: Vec<S>, grads: F) -> (GradientsParams, f32, Vec<E>)
 where
     B: AutodiffBackend,
     S: Send,
     E: Send,
-    F: Fn(&Qwen2<B>, S) -> (Tensor<B, 1>, E) + Sync,
+    F: Fn(&Qwen2<B>, S) -> (GradientsParams, f32, E) + Sync,
 {
-    let one = |m: &Qwen2<B>, shard: S| {
-        let (l, extra) = loss(m, shard);
-        let value = crate::sft::scalar(l.clone());
-        (GradientsParams::from_grads(l.backward(), m), value, extra)
-    };
+    let one = |m: &Qwen2<B>, shard: S| grads(m, shard);
     let results: Vec<_> = if shards.len() == 1 {
         shards.into_iter().map(|s| one(model, s)).collect()
     } else {

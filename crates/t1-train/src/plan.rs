@@ -18,6 +18,9 @@
 //!   gradient in the backward pass;
 //! - the AdamW step of the largest parameter (the embedding) makes three transient copies.
 //!
+//! - with layer checkpointing, each layer's input (hidden values per token) plus one layer's
+//!   activations while it is recomputed;
+//!
 //! `t1 plan` prints it; `t1 sft` and `t1 rl` stop before allocating when it does not fit.
 //! BENCHMARKS.md compares it with the measured peak RSS.
 
@@ -26,6 +29,7 @@ use std::path::Path;
 use serde::Serialize;
 use t1_model::{Qwen2Config, WeightDtype};
 
+use crate::checkpoint::ActivationCheckpointing;
 use crate::rl::RlConfig;
 use crate::sft::{ModelSource, OptimConfig, SftConfig};
 use crate::TrainError;
@@ -65,9 +69,11 @@ pub struct MemoryPlan {
     /// Bytes at the peak of the training step (the largest of its phases).
     pub peak: u64,
     pub peak_phase: String,
-    /// Activations if every decoder layer were recomputed in the backward pass from its input
-    /// (one layer's activations alive at a time) — what layer checkpointing would save.
+    /// Activations with every activation kept, and with layer checkpointing (each decoder
+    /// layer recomputed in the backward pass from its input).
+    pub activations_kept: u64,
     pub activations_layer_checkpointed: u64,
+    pub checkpointing: bool,
 }
 
 /// The bytes a process needs beyond the tensors: the binary, the tokenizer, allocator and
@@ -82,7 +88,7 @@ fn layer_values_per_token(c: &Qwen2Config) -> u64 {
 }
 
 /// The memory plan of a run of model `c` (see the module docs for what is counted).
-pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload) -> MemoryPlan {
+pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, checkpointing: ActivationCheckpointing) -> MemoryPlan {
     let p = c.num_parameters() as u64;
     let b = precision.compute_bytes;
     let state_bytes = if precision.master { 4 } else { b };
@@ -113,12 +119,15 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload) -> Me
     let tokens = rows * len;
     let layers = c.num_hidden_layers as u64;
     let per_layer = |t: u64| t * layer_values_per_token(c) * b + rows * c.num_attention_heads as u64 * len * len * b;
+    let kept = layers * per_layer(tokens);
+    // layer checkpointing: every layer's input, and one layer's activations being recomputed
+    let checkpointed = layers * tokens * c.hidden_size as u64 * b + per_layer(tokens);
+    let layered = checkpointing == ActivationCheckpointing::Layer;
     let activations = add(
         "activations",
-        layers * per_layer(tokens),
-        format!("{rows} sequences x {len} tokens (in {threads} shards) x {layers} layers"),
+        if layered { checkpointed } else { kept },
+        format!("{rows} sequences x {len} tokens (in {threads} shards) x {layers} layers{}", if layered { ", layer checkpointing" } else { "" }),
     );
-    let checkpointed = layers * tokens * c.hidden_size as u64 * b + per_layer(tokens);
     let logits = add("logits", 3 * tokens * c.vocab_size as u64 * 4, format!("{tokens} tokens x {} vocab: f32 logits, log-softmax, gradient", c.vocab_size));
     let fixed = weights + master + optimizer + anchor + RUNTIME_BYTES;
     let largest = (c.vocab_size * c.hidden_size) as u64;
@@ -142,7 +151,7 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload) -> Me
     }
     add("runtime", RUNTIME_BYTES, "binary, tokenizer, allocator, threads".into());
     let (peak_phase, peak) = phases.iter().copied().max_by_key(|&(_, v)| v).expect("phases");
-    MemoryPlan { items, peak, peak_phase: peak_phase.into(), activations_layer_checkpointed: checkpointed }
+    MemoryPlan { items, peak, peak_phase: peak_phase.into(), activations_kept: kept, activations_layer_checkpointed: checkpointed, checkpointing: layered }
 }
 
 /// `bytes` as GiB/MiB text.
@@ -163,12 +172,14 @@ impl MemoryPlan {
             out += &format!("  {:<18} {:>11}  {}\n", item.name, human(item.bytes), item.detail);
         }
         out += &format!("  {:<18} {:>11}  at the {} phase\n", "peak", human(self.peak), self.peak_phase);
-        let act = self.items.iter().find(|i| i.name == "activations").map(|i| i.bytes).unwrap_or(0);
-        out += &format!(
-            "  activations with each layer recomputed in the backward pass would be {} instead of {} (train.activation_checkpointing is not implemented yet)\n",
-            human(self.activations_layer_checkpointed),
-            human(act)
-        );
+        if self.checkpointing {
+            out += &format!("  activations would be {} with every activation kept (train.activation_checkpointing = \"none\")\n", human(self.activations_kept));
+        } else {
+            out += &format!(
+                "  activations would be {} with train.activation_checkpointing = \"layer\" (each layer recomputed in the backward pass)\n",
+                human(self.activations_layer_checkpointed)
+            );
+        }
         if let Some((avail, what)) = available {
             let verdict = if self.peak <= avail { "fits" } else { "does NOT fit" };
             out += &format!("  device memory {} ({what}): {verdict}\n", human(avail));
@@ -183,7 +194,7 @@ impl MemoryPlan {
         items.sort_by_key(|i| std::cmp::Reverse(i.bytes));
         let top: Vec<String> = items.iter().take(3).map(|i| format!("{} {}", i.name, human(i.bytes))).collect();
         format!(
-            "largest: {}. To shrink: a smaller micro-batch or sequence length (activations, logits), train.threads = 1 (one gradient set), model.dtype = \"bf16\" (half the weights, gradients and activations); LoRA and layer checkpointing are not available yet",
+            "largest: {}. To shrink: train.activation_checkpointing = \"layer\" (activations), a smaller micro-batch or sequence length (activations, logits), train.threads = 1 (one gradient set), model.dtype = \"bf16\" (half the weights and activations); LoRA and sharding over GPUs are not available yet",
             top.join(", ")
         )
     }
@@ -211,7 +222,7 @@ fn precision(source: &ModelSource, optim: &OptimConfig) -> Result<Precision, Tra
 pub fn sft_plan(cfg: &SftConfig, shape: &Qwen2Config) -> Result<MemoryPlan, TrainError> {
     let t = &cfg.train;
     let work = Workload::Sft { micro_batch: t.batch_size, seq_len: cfg.data.max_len, threads: t.threads, grad_accum: t.grad_accum };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work, t.activation_checkpointing))
 }
 
 /// The plan of an RL run whose longest prompt has `prompt_len` tokens.
@@ -225,7 +236,7 @@ pub fn rl_plan(cfg: &RlConfig, shape: &Qwen2Config, prompt_len: usize) -> Result
         update_rows: samples.div_ceil(cfg.loss.minibatches.max(1)),
         threads: cfg.train.threads,
     };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work, cfg.train.activation_checkpointing))
 }
 
 /// The longest prompt of an RL run's problems, in tokens (chat-formatted).
@@ -293,28 +304,34 @@ mod tests {
         let f32 = Precision { compute_bytes: 4, master: false };
         let sft = |threads, grad_accum| Workload::Sft { micro_batch: 2, seq_len: 256, threads, grad_accum };
         let get = |plan: &MemoryPlan, name: &str| plan.items.iter().find(|i| i.name == name).map(|i| i.bytes).unwrap_or(0);
-        let one = memory_plan(&c, f32, &sft(1, 1));
+        let one = memory_plan(&c, f32, &sft(1, 1), ActivationCheckpointing::None);
         let p = 494_032_768u64;
         assert_eq!(get(&one, "weights"), 4 * p);
         assert_eq!(get(&one, "gradients"), 4 * p);
         assert_eq!(get(&one, "optimizer"), 8 * p);
         assert_eq!(get(&one, "anchor"), 0);
         // two shards: a gradient set each plus the accumulator
-        let two = memory_plan(&c, f32, &sft(2, 1));
+        let two = memory_plan(&c, f32, &sft(2, 1), ActivationCheckpointing::None);
         assert_eq!(get(&two, "gradients"), 12 * p);
         assert_eq!(get(&two, "activations"), get(&one, "activations"), "activations do not depend on the shard count");
         // activations grow linearly in the batch and faster than linearly in the length
-        let act = |b, t| get(&memory_plan(&c, f32, &Workload::Sft { micro_batch: b, seq_len: t, threads: 1, grad_accum: 1 }), "activations");
+        let act = |b, t| get(&memory_plan(&c, f32, &Workload::Sft { micro_batch: b, seq_len: t, threads: 1, grad_accum: 1 }, ActivationCheckpointing::None), "activations");
         assert_eq!(act(4, 256), 2 * act(2, 256));
         assert!(act(2, 512) > 2 * act(2, 256));
         // bf16 with master weights: half the weights and activations, f32 master, moments and gradients
-        let mixed = memory_plan(&c, Precision { compute_bytes: 2, master: true }, &sft(1, 1));
+        let mixed = memory_plan(&c, Precision { compute_bytes: 2, master: true }, &sft(1, 1), ActivationCheckpointing::None);
         assert_eq!(get(&mixed, "weights"), 2 * p);
         assert_eq!(get(&mixed, "master weights"), 4 * p);
         assert_eq!(get(&mixed, "optimizer"), 8 * p);
         assert_eq!(2 * get(&mixed, "activations"), get(&one, "activations"));
         assert!(one.activations_layer_checkpointed < get(&one, "activations") / 4);
-        let rl = memory_plan(&c, f32, &Workload::Rl { gen_batch: 64, prompt_len: 100, max_new: 412, update_rows: 2, threads: 1 });
+        let layered = memory_plan(&c, f32, &sft(1, 1), ActivationCheckpointing::Layer);
+        assert_eq!(get(&layered, "activations"), one.activations_layer_checkpointed);
+        // at 2 x 256 the optimiser step peaks; at 2 x 2048 the activations do, and checkpointing lowers the peak
+        let long = Workload::Sft { micro_batch: 2, seq_len: 2048, threads: 1, grad_accum: 1 };
+        let (kept, layered) = (memory_plan(&c, f32, &long, ActivationCheckpointing::None), memory_plan(&c, f32, &long, ActivationCheckpointing::Layer));
+        assert!(kept.peak_phase == "forward/backward" && layered.peak < kept.peak, "{} vs {}", layered.peak, kept.peak);
+        let rl = memory_plan(&c, f32, &Workload::Rl { gen_batch: 64, prompt_len: 100, max_new: 412, update_rows: 2, threads: 1 }, ActivationCheckpointing::None);
         assert_eq!(get(&rl, "anchor"), 4 * p);
         assert_eq!(get(&rl, "rollout kv cache"), 64 * 512 * 24 * 2 * 128 * 4);
         assert!(get(&rl, "activations") > 2 * get(&one, "activations"), "rows twice as long: twice the tokens, four times the attention");

@@ -32,6 +32,7 @@ use t1_model::{Inputs, Qwen2, WeightDtype};
 use t1_reward::{GraderConfig, PenaltyConfig};
 
 use crate::common::{self, lr_at, Metrics, TrainerState};
+use crate::checkpoint::ActivationCheckpointing;
 use crate::sft::{scalar, ModelSource, OptimConfig};
 use crate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig, TrainError};
 
@@ -149,6 +150,9 @@ pub struct RlTrain {
     /// Threads for generation and data-parallel update shards (CPU: the number of cores;
     /// GPU: 1). With more than one, each generation shard samples from its own seeded stream.
     pub threads: usize,
+    /// "none", or "layer": the update's backward pass recomputes each decoder layer from its
+    /// input (one layer's activations alive at a time, about a third more compute).
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 impl Default for RlConfig {
@@ -210,7 +214,7 @@ impl Default for LossConfig {
 }
 impl Default for RlTrain {
     fn default() -> Self {
-        Self { steps: 100, seed: 0, eval_every: 0, eval_problems: 100, save_every: 0, keep_checkpoints: 2, max_bad_steps: 5, threads: 1 }
+        Self { steps: 100, seed: 0, eval_every: 0, eval_problems: 100, save_every: 0, keep_checkpoints: 2, max_bad_steps: 5, threads: 1, activation_checkpointing: ActivationCheckpointing::None }
     }
 }
 
@@ -638,8 +642,11 @@ fn update_policy<B: AutodiffBackend, O: Optimizer<Qwen2<B>, B>>(
             let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
             let shards: Vec<&[usize]> = crate::parallel::split_even(rows.len(), cfg.train.threads).into_iter().map(|r| &rows[r]).collect();
             let (grads, loss_v, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
-                let (loss, clip_frac, entropy) = minibatch_loss(cfg, m, batch, rows, old_logp, ref_logp, adv, norm);
-                (loss, (clip_frac, entropy))
+                let (inputs, targets, mask) = batch.rows_subset(rows);
+                crate::checkpoint::loss_grads(m, &inputs, cfg.train.activation_checkpointing, |logits| {
+                    let (loss, clip_frac, entropy) = minibatch_loss(cfg, logits, targets, mask, rows, batch.len, old_logp, ref_logp, adv, norm);
+                    (loss, (clip_frac, entropy))
+                })
             });
             let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
             let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
@@ -736,24 +743,26 @@ impl RlBatch {
     }
 }
 
-/// Loss of (a shard of) one minibatch, its clip fraction and mean entropy, each normalised by
-/// `norm` (the whole minibatch's), so that shards add up.
+/// Loss of (a shard of) one minibatch from the policy's logits of its `rows` (`targets` and
+/// `mask_v` their `[rows, len]` targets and response mask), its clip fraction and mean
+/// entropy, each normalised by `norm` (the whole minibatch's), so that shards add up.
 #[allow(clippy::too_many_arguments)]
 fn minibatch_loss<B: AutodiffBackend>(
     cfg: &RlConfig,
-    policy: &Qwen2<B>,
-    batch: &RlBatch,
+    logits: Tensor<B, 3>,
+    targets: Vec<i64>,
+    mask_v: Vec<f32>,
     rows: &[usize],
+    t: usize,
     old_logp: &[f32],
     ref_logp: &[f32],
     adv: &[f32],
     norm: Normalizer,
 ) -> (Tensor<B, 1>, f32, f32) {
-    let device = policy.device();
-    let (n, t) = (rows.len(), batch.len);
-    let (inputs, targets, mask_v) = batch.rows_subset(rows);
+    let device = logits.device();
+    let n = rows.len();
     let pick = |v: &[f32]| rows.iter().flat_map(|&r| v[r * t..(r + 1) * t].to_vec()).collect::<Vec<f32>>();
-    let logits = policy.forward(&inputs, None).cast(DType::F32).div_scalar(cfg.sampling.temperature.max(1e-6));
+    let logits = logits.cast(DType::F32).div_scalar(cfg.sampling.temperature.max(1e-6));
     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, t]), &device);
     let logp = token_logprobs(logits.clone(), targets);
     let mask = tensor2::<B>(&mask_v, n, t, &device);
@@ -988,7 +997,12 @@ mod tests {
     /// with the KL in the loss, on a tiny policy; `sign` multiplies the advantages. Returns
     /// the change of each sample's response log-prob.
     fn one_update(kl_in: KlPlacement, sign: f32) -> Vec<f32> {
+        one_update_with(kl_in, sign, ActivationCheckpointing::None)
+    }
+
+    fn one_update_with(kl_in: KlPlacement, sign: f32, checkpointing: ActivationCheckpointing) -> Vec<f32> {
         let cfg = cfg_with(|c| {
+            c.train.activation_checkpointing = checkpointing;
             c.loss.kl_in = kl_in;
             c.loss.kl_coef = 0.1;
             c.loss.entropy_coef = 0.001;
@@ -1017,6 +1031,15 @@ mod tests {
         assert_eq!((stats.updates, stats.skipped), (1, 0));
         let after = response_logprobs(&cfg, &policy.valid(), &batch);
         after.iter().zip(&before).map(|(a, b)| a - b).collect()
+    }
+
+    #[test]
+    fn layer_checkpointing_gives_the_same_rl_update() {
+        // the KL in the loss, so entropy, ratio and KL terms all go through the recomputed layers
+        let kept = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::None);
+        let layered = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::Layer);
+        let d = max_abs_diff(&kept, &layered);
+        assert!(d <= 1e-6 * t1_model::compare::max_abs(&kept), "log-prob changes differ by {d:e}: {kept:?} vs {layered:?}");
     }
 
     #[test]

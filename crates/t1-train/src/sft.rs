@@ -20,6 +20,7 @@ use t1_algo::{masked_mean, token_logprobs};
 use t1_data::{pad_batch, ChatTokenizer, OnBadLine, Problem, SftBatch, TokenizedExample};
 use t1_model::{Inputs, Qwen2, Qwen2Config, WeightDtype};
 
+use crate::checkpoint::ActivationCheckpointing;
 use crate::common::{self, lr_at, Metrics, TrainerState};
 use crate::{eval_accuracy, SamplingConfig, TrainError};
 
@@ -125,6 +126,9 @@ pub struct SftTrain {
     pub keep_checkpoints: usize,
     /// Stop after this many consecutive steps with a non-finite loss or gradient.
     pub max_bad_steps: usize,
+    /// "none", or "layer": each decoder layer is recomputed in the backward pass from its
+    /// input, so one layer's activations are alive at a time (about a third more compute).
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 impl Default for SftConfig {
@@ -195,6 +199,7 @@ impl Default for SftTrain {
             save_every: 0,
             keep_checkpoints: 2,
             max_bad_steps: 5,
+            activation_checkpointing: ActivationCheckpointing::None,
         }
     }
 }
@@ -340,20 +345,34 @@ pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> 
 pub fn sft_nll_sum<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
     let device = model.device();
     let (inputs, targets, mask) = batch_tensors::<B>(batch, &device);
-    let logits = model.forward(&inputs, None);
+    nll_sum_of_logits(model.forward(&inputs, None), targets, mask)
+}
+
+/// Summed NLL of `targets` under `logits`, over the positions `mask` marks.
+fn nll_sum_of_logits<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
     (token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg() * mask).sum()
+}
+
+/// Gradients of a batch's summed NLL divided by `loss_tokens`, and that value.
+pub fn batch_grads<B: AutodiffBackend>(model: &Qwen2<B>, batch: &SftBatch, loss_tokens: f32, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
+    let (inputs, targets, mask) = batch_tensors::<B>(batch, &model.device());
+    let (grads, value, ()) = crate::checkpoint::loss_grads(model, &inputs, mode, |logits| (nll_sum_of_logits(logits, targets, mask).div_scalar(loss_tokens), ()));
+    (grads, value)
 }
 
 /// Gradients and value of one SFT step's loss, the mean NLL over every loss token of the step:
 /// `micro[i][j]` is shard `j` (its own thread) of micro-batch `i`. Each shard's summed NLL is
 /// divided by the whole step's loss-token count, so the shards and micro-batches add up to
 /// the gradient of the unsplit batch's mean, up to float summation order.
-pub fn step_grads<B: AutodiffBackend>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>>) -> (GradientsParams, f32) {
+pub fn step_grads<B: AutodiffBackend>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>>, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
     let loss_tokens = micro.iter().flatten().map(|b| b.target_mask.iter().filter(|&&m| m).count()).sum::<usize>().max(1) as f32;
     let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
     let mut step_loss = 0.0f32;
     for shards in micro {
-        let (grads, loss, _) = crate::parallel::sharded_grads(model, shards, |m, b| (sft_nll_sum(m, &b).div_scalar(loss_tokens), ()));
+        let (grads, loss, _) = crate::parallel::sharded_grads(model, shards, |m, b| {
+            let (g, v) = batch_grads(m, &b, loss_tokens, mode);
+            (g, v, ())
+        });
         step_loss += loss;
         accum.accumulate(model, grads);
     }
@@ -435,7 +454,7 @@ pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool
             micro.push(shards);
         }
         tokens_seen += micro.iter().flatten().map(|b| b.attention.iter().filter(|&&a| a).count()).sum::<usize>();
-        let (grads, step_loss) = step_grads(&model, micro);
+        let (grads, step_loss) = step_grads(&model, micro, t.activation_checkpointing);
         let (grads, norm) = common::clip_global_norm(&model, grads, cfg.optim.grad_clip);
         if !step_loss.is_finite() || !norm.is_finite() {
             state.skipped_steps += 1;
