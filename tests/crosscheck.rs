@@ -134,11 +134,13 @@ fn flex_and_wgpu_agree() {
     }
 }
 
-/// Needs a CUDA device: ignored by default (nextest lists it as skipped), run by
-/// `scripts/gpu-check.sh` with `--run-ignored only`; it fails, never skips, without a device.
+/// Needs a CUDA device: ignored by default (nextest lists it as skipped); on a machine with a
+/// GPU that can build, `cargo nextest run --features t1-cli/cuda --run-ignored only -E
+/// 'test(flex_and_cuda_agree)'`. `scripts/gpu-check.sh`, which builds nothing, runs the same
+/// comparison through `t1 crosscheck --devices flex,cuda`. It fails, never skips, without a device.
 #[cfg(feature = "cuda")]
 #[test]
-#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
+#[ignore = "needs a CUDA device (scripts/gpu-check.sh runs t1 crosscheck --devices flex,cuda)"]
 fn flex_and_cuda_agree() {
     let spec = t1_backends::DeviceSpec::Cuda(0);
     struct Probe;
