@@ -116,7 +116,7 @@ fn bf16_sft_keeps_f32_master_weights_and_resumes_exactly() {
     let rounded: Vec<f32> = master.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
     // burn-flex casts through f64 with half 2.7's f64 -> bf16, which drops the f64's low 32
     // bits before rounding: an f32 whose 16 low bits are 0x8001..=0x8007 (just above a tie)
-    // rounds down. Those are the only misses allowed (1 in 28,320 weights here).
+    // rounds down (0x8000, an exact tie, also passes the filter: it rounds to even either way). Those are the only misses allowed (1 in 28,320 weights here).
     let near_tie = |x: f32| (x.to_bits() & 0xFFF8) == 0x8000;
     let off: Vec<_> = model.iter().zip(&rounded).zip(&master).filter(|((a, b), &m)| a.to_bits() != b.to_bits() && !near_tie(m)).collect();
     assert!(off.is_empty(), "{} of {} bf16 weights are not their master rounded to nearest bf16; first (model, rounded, master): {:?}", off.len(), model.len(), off.first());

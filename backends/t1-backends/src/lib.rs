@@ -197,10 +197,17 @@ pub fn device_memory(spec: &DeviceSpec) -> Result<Option<(u64, String)>, Backend
             let unavailable = |reason: String| BackendError::Unavailable {
                 device: spec.to_string(),
                 reason,
-                hint: "check the NVIDIA driver (nvidia-smi), or plan for a GPU that is not here with --memory SIZE (e.g. --memory 80GB)",
+                hint: "check the NVIDIA driver (nvidia-smi), or plan for a GPU that is not here with `t1 plan --memory SIZE` (e.g. --memory 80GB)",
             };
+            // cuda:N counts the GPUs CUDA_VISIBLE_DEVICES lets this process see; nvidia-smi
+            // counts all of them (or takes a UUID)
+            let id = std::env::var("CUDA_VISIBLE_DEVICES")
+                .ok()
+                .and_then(|v| v.split(',').nth(*i).map(|s| s.trim().to_string()))
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| i.to_string());
             let out = std::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits", &format!("--id={i}")])
+                .args(["--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits", &format!("--id={id}")])
                 .output()
                 .map_err(|e| unavailable(format!("cannot run nvidia-smi to ask the driver for memory: {e}")))?;
             if !out.status.success() {

@@ -41,17 +41,29 @@ pub fn plan_of(stage: Stage, config: &Path, sets: &[String], arch: Option<&str>,
     match stage {
         Stage::Sft => {
             let (cfg, _) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(config), sets)?;
+            cfg.validate()?;
             let shape = shape_of(&cfg.model, &cfg.data.tokenizer)?;
+            anyhow::ensure!(
+                cfg.data.max_len <= shape.max_position_embeddings,
+                "data.max_len = {} exceeds the model's context of {} tokens (max_position_embeddings): lower data.max_len",
+                cfg.data.max_len,
+                shape.max_position_embeddings
+            );
             Ok(plan::sft_plan(&cfg, &shape)?)
         }
         Stage::Rl => {
             let (cfg, _) = t1_train::load_config::<t1_train::rl::RlConfig>(Some(config), sets)?;
+            cfg.validate()?;
             let shape = shape_of(&cfg.model, &cfg.data.tokenizer)?;
             let prompt = match prompt_tokens {
                 Some(n) => n,
                 None => plan::longest_prompt(&cfg, &cfg.model.checkpoint.join("tokenizer.json"))
                     .context("finding the longest prompt of data.train for the plan (or give it with --prompt-tokens N)")?,
             };
+            // a prompt longer than the context is refused by `t1 rl` itself, naming the problem's line
+            if prompt + cfg.sampling.max_new_tokens > shape.max_position_embeddings {
+                eprintln!("warning: the longest prompt ({prompt} tokens) plus sampling.max_new_tokens exceeds the model's context of {} tokens", shape.max_position_embeddings);
+            }
             Ok(plan::rl_plan(&cfg, &shape, prompt)?)
         }
     }
@@ -86,8 +98,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
 /// them when the plan does not fit the device.
 pub fn check_before_run(stage: Stage, config: &Path, sets: &[String], device: &DeviceSpec) -> Result<()> {
     let plan = plan_of(stage, config, sets, None, None)?;
-    let Some((avail, source)) = available(device, None)? else {
-        eprintln!("memory plan: peak {} ({} does not report its memory)", plan::human(plan.peak), device);
+    let avail = match available(device, None) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("warning: memory plan unchecked: {e:#}");
+            None
+        }
+    };
+    let Some((avail, source)) = avail else {
+        eprintln!("memory plan: peak {} ({} did not report its memory; `t1 plan --memory SIZE` gives a verdict)", plan::human(plan.peak), device);
         return Ok(());
     };
     if plan.peak > avail {

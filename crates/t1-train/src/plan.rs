@@ -109,8 +109,14 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
             (update_rows as u64, (prompt_len + max_new) as u64, t, t + (t > 1) as u64, false)
         }
     };
-    let grad_bytes = if precision.master { 4 } else { b };
-    let grads = add("gradients", grad_sets * p * grad_bytes, format!("{grad_sets} set(s): one per shard ({threads} threads){}", if grad_sets > threads { " + the accumulator" } else { "" }));
+    // the shards' sets and the accumulator are in the compute dtype; with master weights the
+    // summed set is cast to f32 (one parameter at a time) before the step
+    let grad_bytes = b;
+    let grads = add(
+        "gradients",
+        (grad_sets * p * b).max(if precision.master { p * (b + 4) } else { 0 }),
+        format!("{grad_sets} set(s) of {b} bytes: one per shard ({threads} threads){}{}", if grad_sets > threads { " + the accumulator" } else { "" }, if precision.master { ", cast to f32 for the step" } else { "" }),
+    );
     let optimizer = add("optimizer", 2 * p * state_bytes, format!("AdamW moments, 2 x {state_bytes} bytes per parameter"));
     let anchor = match work {
         Workload::Rl { .. } => add("anchor", p * state_bytes, "the KL reference model".into()),
@@ -128,7 +134,9 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
         if layered { checkpointed } else { kept },
         format!("{rows} sequences x {len} tokens (in {threads} shards) x {layers} layers{}", if layered { ", layer checkpointing" } else { "" }),
     );
-    let logits = add("logits", 3 * tokens * c.vocab_size as u64 * 4, format!("{tokens} tokens x {} vocab: f32 logits, log-softmax, gradient", c.vocab_size));
+    // f32 logits, log-softmax and their gradient; RL's loss also keeps the entropy's softmax and product
+    let copies = if matches!(work, Workload::Rl { .. }) { 5 } else { 3 };
+    let logits = add("logits", copies * tokens * c.vocab_size as u64 * 4, format!("{tokens} tokens x {} vocab: {copies} f32 copies (logits, log-softmax, gradient{})", c.vocab_size, if copies > 3 { ", entropy" } else { "" }));
     let fixed = weights + master + optimizer + anchor + RUNTIME_BYTES;
     let largest = (c.vocab_size * c.hidden_size) as u64;
     let step_transient = 3 * largest * state_bytes;
@@ -139,7 +147,7 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
     let accumulated = if accumulating { p * grad_bytes } else { 0 };
     let backward = fixed + accumulated + activations + logits;
     let step = fixed + grads + step_transient;
-    let mut phases = vec![("forward/backward", backward), ("optimiser step", step)];
+    let mut phases: Vec<(&str, u64)> = vec![("forward/backward", backward), ("optimiser step", step)];
     if let Workload::Rl { gen_batch, prompt_len, max_new, .. } = *work {
         let kv_len = (prompt_len + max_new) as u64;
         let kv = add(
@@ -147,7 +155,21 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
             gen_batch as u64 * kv_len * layers * 2 * (c.num_key_value_heads * c.head_dim()) as u64 * b,
             format!("{gen_batch} sequences x {kv_len} positions x {layers} layers x K and V"),
         );
-        phases.push(("rollouts", fixed + kv + gen_batch as u64 * c.vocab_size as u64 * 4 * 2));
+        // the prefill computes logits at every prompt position (compute dtype) before keeping the last
+        let prefill = add(
+            "prefill logits",
+            gen_batch as u64 * prompt_len as u64 * c.vocab_size as u64 * b,
+            format!("{gen_batch} prompts x {prompt_len} positions x {} vocab", c.vocab_size),
+        );
+        phases.push(("rollouts", fixed + kv + prefill));
+        // old and anchor log-probs: chunks of rows whose logits, their f32 cast and log-softmax are alive
+        let chunk = crate::rl::logprob_chunk_rows(kv_len as usize, c.vocab_size) as u64;
+        let recompute = add(
+            "log-prob recompute",
+            chunk * kv_len * c.vocab_size as u64 * (b + 8) + (p * b) * precision.master as u64,
+            format!("{chunk} rows at a time x {kv_len} tokens x {} vocab{}", c.vocab_size, if precision.master { " + the anchor's bf16 cast" } else { "" }),
+        );
+        phases.push(("log-prob recompute", fixed + recompute));
     }
     add("runtime", RUNTIME_BYTES, "binary, tokenizer, allocator, threads".into());
     let (peak_phase, peak) = phases.iter().copied().max_by_key(|&(_, v)| v).expect("phases");

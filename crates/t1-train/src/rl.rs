@@ -664,6 +664,13 @@ fn update_policy<B: AutodiffBackend, O: Optimizer<Qwen2<B>, B>>(
     (policy, u)
 }
 
+/// Rows per forward pass when log-probs are recomputed without gradients: 32, or fewer so that
+/// the `[rows, len, vocab]` logits stay under 2^27 values (512 MiB in f32): at Qwen2.5's vocab
+/// and 2560 tokens, 32 rows of f32 logits alone were 50 GB. `t1 plan` counts the same.
+pub fn logprob_chunk_rows(len: usize, vocab: usize) -> usize {
+    ((1usize << 27) / (len * vocab).max(1)).clamp(1, 32)
+}
+
 /// Prompt + response sequences, right-padded, with the response positions marked.
 struct RlBatch {
     rows: usize,
@@ -715,7 +722,7 @@ impl RlBatch {
         let device = model.device();
         let mut out = Vec::with_capacity(self.rows * self.len);
         let all: Vec<usize> = (0..self.rows).collect();
-        for rows in all.chunks(32) {
+        for rows in all.chunks(logprob_chunk_rows(self.len, model.vocab_size())) {
             let (inputs, targets, _) = self.rows_subset(rows);
             let logits = model.forward(&inputs, None).cast(DType::F32).div_scalar(temperature.max(1e-6));
             let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows.len(), self.len]), &device);
