@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
 use safetensors::SafeTensors;
 
 #[allow(dead_code)]
@@ -44,7 +43,7 @@ pub fn i64s(view: &safetensors::tensor::TensorView) -> Vec<i64> {
     view.data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-pub fn to_vec<B: Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {
+pub fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: burn::tensor::Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 

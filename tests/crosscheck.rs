@@ -35,7 +35,7 @@ fn make_case((layers, head_dim, kv, groups, tied, theta, batch, len, seed): (usi
 struct Compute(Case);
 impl BackendTask for Compute {
     type Output = Vec<Quantity>;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Vec<Quantity> {
+    fn run<B: t1_model::FusedAutodiff>(self, device: B::Device) -> Vec<Quantity> {
         compute::<B>(&self.0, &device)
     }
 }
@@ -146,7 +146,7 @@ fn flex_and_cuda_agree() {
     struct Probe;
     impl BackendTask for Probe {
         type Output = ();
-        fn run<B: burn::tensor::backend::AutodiffBackend>(self, _: B::Device) {}
+        fn run<B: t1_model::FusedAutodiff>(self, _: B::Device) {}
     }
     if let Err(e) = t1_backends::dispatch(&spec, Probe) {
         panic!("flex_and_cuda_agree was asked to run but no CUDA device can be used: {e}");

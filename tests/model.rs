@@ -1,7 +1,7 @@
 //! The Qwen2 model against transformers, the KV cache, padding, and HF checkpoint round trips.
 
-use burn::tensor::backend::Backend;
-use t1_model::{hf, Inputs, KvCache, Qwen2, Qwen2Config, SaveOptions, WeightDtype};
+use t1_cpu::HostEngine;
+use t1_model::{hf, BurnDecoder, Decoder, FusedOps, Inputs, KvCache, Qwen2, Qwen2Config, SaveOptions, WeightDtype};
 
 use crate::common::*;
 
@@ -38,7 +38,7 @@ pub(crate) fn bf16_logit_bound(config: &Qwen2Config, scale: f32) -> f32 {
 }
 
 /// Logits of every fixture checkpoint against transformers' (float32), on backend `B`.
-fn check_reference_logits<B: Backend>(device: &B::Device) {
+fn check_reference_logits<B: FusedOps>(device: &B::Device) {
     for name in CHECKPOINTS {
         let r = reference(name);
         let (config, model) = t1_model::load::<B>(&fixture(name), WeightDtype::F32, device).unwrap();
@@ -108,21 +108,21 @@ fn kv_cache_decoding_matches_full_forward() {
     let r = reference("qwen2-gqa");
     let device = Default::default();
     let (_, model) = t1_model::load::<FlexInner>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
-    // with burn's matmul, and with the packed host projections where this CPU has them
-    let packed = model.decode_weights();
-    println!("packed decode weights: {}", packed.is_some());
-    for weights in [None, packed] {
-        check_cached_decoding(&model, &r, weights);
+    // through burn, and on the CPU engine where this CPU has AVX-512
+    let engine = HostEngine::new(&model);
+    println!("CPU decoding engine: {}", engine.is_some());
+    for engine in [None, engine] {
+        check_cached_decoding(&model, &r, engine);
     }
 }
 
-fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, weights: Option<t1_model::DecodeWeights>) {
+fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, engine: Option<HostEngine>) {
     let (b, t) = (r.batch, r.len);
     let full = to_vec(model.forward(&Inputs::dense(b, t, r.ids.clone()), None));
     let vocab = model.vocab_size();
     // prefill 3 tokens, then one token at a time
     let prefill = 3;
-    let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights);
+    let mut cache = KvCache::new(model.num_layers());
     let first: Vec<i64> = (0..b).flat_map(|row| r.ids[row * t..row * t + prefill].to_vec()).collect();
     let out = to_vec(model.forward(&Inputs::dense(b, prefill, first), Some(&mut cache)));
     for row in 0..b {
@@ -132,51 +132,68 @@ fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, weights: Optio
             assert!(max_abs_diff(got, want) < 1e-5);
         }
     }
+    let mut decoder: Box<dyn Decoder> = match engine {
+        Some(engine) => Box::new(engine.decoder(cache, b, 1)),
+        None => Box::new(BurnDecoder { model, cache }),
+    };
     for step in prefill..t {
         let ids: Vec<i64> = (0..b).map(|row| r.ids[row * t + step]).collect();
         let inputs = Inputs::step(ids, vec![step as i64; b], vec![true; b * (step + 1)]);
-        let out = to_vec(model.forward(&inputs, Some(&mut cache)));
+        let out = decoder.step(&inputs);
         for row in 0..b {
             let want = &full[(row * t + step) * vocab..][..vocab];
             let diff = max_abs_diff(&out[row * vocab..][..vocab], want);
             assert!(diff < 1e-5, "step {step} row {row}: {diff}");
         }
     }
-    assert_eq!(cache.len(), t);
+    assert_eq!(decoder.len(), t);
 }
 
-/// Host decoding (`decode.rs`) against decoding through burn's tensors, on a left-padded batch
+/// The CPU engine (`t1-cpu`) against decoding through burn's tensors, on a left-padded batch
 /// with a sequence that stops (its new keys masked), past the host cache's first capacity (64),
-/// on 1–3 threads, and back to a multi-token call after host steps. Both checkpoints: one with
-/// an `lm_head`, one tied.
+/// on 1–3 threads, and back to a multi-token call through burn after host steps. Both
+/// checkpoints: one with an `lm_head`, one tied.
 #[test]
 #[ignore = "needs AVX-512: .ci/run runs the avx512_ tests where the CPU has it"]
 fn avx512_host_decoding_matches_decoding_through_burn() {
     let device = Default::default();
     for name in ["qwen2-gqa", "qwen2-tied"] {
         let (_, model) = t1_model::load::<FlexInner>(&fixture(name), WeightDtype::F32, &device).unwrap();
-        let weights = model.decode_weights().expect("asked to test host decoding on a CPU without AVX-512F");
+        let engine = HostEngine::new(&model).expect("asked to test host decoding on a CPU without AVX-512F");
         let (b, width, steps, vocab) = (3, 5, 80, model.vocab_size());
         // row 0 full, row 1 two pads, row 2 four pads
         let pads = [0, 2, 4];
         let mask: Vec<bool> = pads.iter().flat_map(|&p| (0..width).map(move |i| i >= p)).collect();
         let id = |row: usize, i: usize| ((row * 31 + i * 7) % (vocab - 1) + 1) as i64;
         let ids: Vec<i64> = (0..b).flat_map(|row| (0..width).map(move |i| id(row, i))).collect();
-        let decode = |weights: Option<t1_model::DecodeWeights>, threads: usize| {
-            let mut cache = KvCache::new(model.num_layers()).with_decode_weights(weights).with_threads(threads);
+        let decode = |engine: Option<&HostEngine>, threads: usize| {
+            let mut cache = KvCache::new(model.num_layers());
             let mut out = vec![to_vec(model.forward(&Inputs::new(b, width, ids.clone(), mask.clone()), Some(&mut cache)))];
             let mut key_mask = mask.clone();
             let mut pos: Vec<i64> = pads.iter().map(|p| (width - p) as i64).collect();
-            for step in 0..steps {
-                // row 2 stops after 10 tokens: pad ids, masked keys
-                let live = |row: usize| row != 2 || step < 10;
-                let step_ids: Vec<i64> = (0..b).map(|row| if live(row) { id(row, width + step) } else { 0 }).collect();
-                let s = width + step;
-                key_mask = (0..b).flat_map(|row| key_mask[row * s..(row + 1) * s].iter().copied().chain([live(row)])).collect();
-                let inputs = Inputs::step(step_ids, pos.clone(), key_mask.clone());
-                out.push(to_vec(model.forward(&inputs, Some(&mut cache))));
-                pos.iter_mut().for_each(|p| *p += 1);
-            }
+            let mut run = |decoder: &mut dyn Decoder| {
+                for step in 0..steps {
+                    // row 2 stops after 10 tokens: pad ids, masked keys
+                    let live = |row: usize| row != 2 || step < 10;
+                    let step_ids: Vec<i64> = (0..b).map(|row| if live(row) { id(row, width + step) } else { 0 }).collect();
+                    let s = width + step;
+                    key_mask = (0..b).flat_map(|row| key_mask[row * s..(row + 1) * s].iter().copied().chain([live(row)])).collect();
+                    out.push(decoder.step(&Inputs::step(step_ids, pos.clone(), key_mask.clone())));
+                    pos.iter_mut().for_each(|p| *p += 1);
+                }
+            };
+            let mut cache = match engine {
+                Some(engine) => {
+                    let mut decoder = engine.decoder(cache, b, threads);
+                    run(&mut decoder);
+                    decoder.into_cache(&device)
+                }
+                None => {
+                    let mut decoder = BurnDecoder { model: &model, cache };
+                    run(&mut decoder);
+                    decoder.cache
+                }
+            };
             // two tokens at once: through burn's tensors again, from the host cache
             let s = width + steps;
             let ids2: Vec<i64> = (0..b * 2).map(|i| id(i, 3)).collect();
@@ -189,7 +206,7 @@ fn avx512_host_decoding_matches_decoding_through_burn() {
         };
         let burn = decode(None, 1);
         for threads in [1, 2, 3] {
-            let host = decode(Some(weights.clone()), threads);
+            let host = decode(Some(&engine), threads);
             for (step, (h, r)) in host.iter().zip(&burn).enumerate() {
                 let diff = max_abs_diff(h, r);
                 assert!(diff < 1e-5, "{name}, {threads} threads, call {step}: max |logit diff| {diff}");
@@ -207,22 +224,22 @@ fn avx512_host_decoding_of_a_bf16_model_computes_in_f32_from_its_bf16_weights() 
     let device = Default::default();
     let (_, bf16) = t1_model::load::<FlexInner>(&fixture("qwen2-bf16"), WeightDtype::Bf16, &device).unwrap();
     let (_, f32_model) = t1_model::load::<FlexInner>(&fixture("qwen2-bf16"), WeightDtype::F32, &device).unwrap();
-    let weights = bf16.decode_weights().expect("asked to test host decoding on a CPU without AVX-512F");
+    let engine = HostEngine::new(&bf16).expect("asked to test host decoding on a CPU without AVX-512F");
     let (b, steps, vocab) = (2, 12, bf16.vocab_size());
-    let mut host = KvCache::new(bf16.num_layers()).with_decode_weights(Some(weights)).with_threads(2);
+    let mut host = engine.decoder(KvCache::<FlexInner>::new(bf16.num_layers()), b, 2);
     let mut reference = KvCache::new(f32_model.num_layers());
     for step in 0..steps {
         let ids: Vec<i64> = (0..b).map(|row| ((row * 17 + step * 5) % (vocab - 1) + 1) as i64).collect();
         let inputs = Inputs::step(ids, vec![step as i64; b], vec![true; b * (step + 1)]);
-        let got = bf16.forward(&inputs, Some(&mut host));
-        assert_eq!(got.dtype(), burn::tensor::DType::F32);
-        let diff = max_abs_diff(&to_vec(got), &to_vec(f32_model.forward(&inputs, Some(&mut reference))));
+        let got = host.step(&inputs);
+        let diff = max_abs_diff(&got, &to_vec(f32_model.forward(&inputs, Some(&mut reference))));
         assert!(diff < 1e-5, "step {step}: max |logit diff| {diff}");
     }
-    // back to burn (two tokens at once): the cache returns to the model's dtype
+    // back to burn (two tokens at once): the cache returns in the model's dtype
     let s = steps;
+    let mut cache = host.into_cache::<FlexInner>(&device);
     let inputs = Inputs { batch: b, len: 2, past: s, ids: vec![3; 2 * b], positions: (0..b).flat_map(|_| [s as i64, s as i64 + 1]).collect(), key_mask: vec![true; b * (s + 2)] };
-    assert_eq!(bf16.forward(&inputs, Some(&mut host)).dims(), [b, 2, vocab]);
+    assert_eq!(bf16.forward(&inputs, Some(&mut cache)).dims(), [b, 2, vocab]);
 }
 
 /// `generate_sharded` on the host decodes the whole batch at once, each shard's rows drawn from
@@ -234,7 +251,7 @@ fn avx512_sharded_host_decoding_draws_the_tokens_of_separate_shards() {
     use rand_chacha::ChaCha8Rng;
     let device = Default::default();
     let (_, model) = t1_model::load::<FlexInner>(&fixture("qwen2-gqa"), WeightDtype::F32, &device).unwrap();
-    assert!(model.decode_weights().is_some(), "asked to test host decoding on a CPU without AVX-512F");
+    assert!(HostEngine::new(&model).is_some(), "asked to test host decoding on a CPU without AVX-512F");
     let vocab = model.vocab_size() as u32;
     let prompts: Vec<Vec<u32>> = (0..7u32).map(|i| (0..3 + i % 4).map(|j| (i * 13 + j * 5) % (vocab - 1) + 1).collect()).collect();
     let cfg = t1_train::SamplingConfig { temperature: 1.0, top_p: 0.95, top_k: 0, max_new_tokens: 24 };
@@ -294,7 +311,7 @@ fn padding_does_not_change_the_logits_of_real_tokens() {
     }
 }
 
-fn assert_same_weights<B: Backend>(a: &Qwen2<B>, b: &Qwen2<B>) {
+fn assert_same_weights<B: FusedOps>(a: &Qwen2<B>, b: &Qwen2<B>) {
     let (ta, tb) = (hf::named_tensors(a), hf::named_tensors(b));
     assert_eq!(ta.len(), tb.len());
     for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
@@ -484,4 +501,55 @@ fn check_gradients(name: &str) {
         }
     }
     println!("{name}: gradients vs PyTorch: worst max |diff| / max |grad| = {:.3e} ({}; bound {relative_bound:.3e})", worst.0, worst.1);
+}
+
+/// RMSNorm's CubeCL kernels (`t1-ops`, the path of the wgpu and CUDA backends) against burn's
+/// composition on the same device: values, the hand-written backward, and the gradients through
+/// `Autodiff<Wgpu>` against burn's `RmsNorm` module differentiated by burn. A row count that is
+/// not a multiple of a cube's units, a hidden size that is not a power of two, and a strided
+/// (transposed) input.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cubecl_rms_norm_matches_burns_composition_on_wgpu() {
+    use burn::tensor::{Tensor, TensorData};
+    type Ad = t1_backends::WgpuBackend;
+    type W = <Ad as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+    let device = Default::default();
+    let (rows, t, n) = (3, 37, 40);
+    let values = |len: usize, seed: u64, std: f32| -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+            })
+            .collect()
+    };
+    let tensor = |v: Vec<f32>, shape: [usize; 3]| Tensor::<W, 3>::from_data(TensorData::new(v, shape), &device);
+    let x = tensor(values(rows * t * n, 1, 3.0), [rows, t, n]);
+    let gamma = Tensor::<W, 1>::from_data(TensorData::new(values(n, 2, 1.0), [n]), &device);
+    let d_y = tensor(values(rows * t * n, 3, 1.0), [rows, t, n]);
+    let eps = 1e-6;
+    let close = |got: Vec<f32>, want: Vec<f32>, what: &str| {
+        // relative to the largest entry: a few f32 ulps of 40-term sums
+        let diff = max_rel_diff(&got, &want, 1e-6);
+        assert!(diff < 1e-5, "{what}: max difference relative to the largest entry {diff}");
+    };
+    close(to_vec(W::rms_norm(x.clone(), gamma.clone(), eps)), to_vec(t1_ops::compose::rms_norm(x.clone(), gamma.clone(), eps)), "values");
+    let (d_x, d_gamma) = W::rms_norm_backward(x.clone(), gamma.clone(), eps, d_y.clone());
+    let (want_x, want_gamma) = t1_ops::compose::rms_norm_backward(x.clone(), gamma.clone(), eps, d_y.clone());
+    close(to_vec(d_x), to_vec(want_x), "d_x");
+    close(to_vec(d_gamma), to_vec(want_gamma), "d_gamma");
+    // a strided input: the kernel makes it contiguous first
+    let xt = tensor(values(rows * t * n, 4, 2.0), [t, rows, n]).swap_dims(0, 1);
+    close(to_vec(W::rms_norm(xt.clone(), gamma.clone(), eps)), to_vec(t1_ops::compose::rms_norm(xt, gamma.clone(), eps)), "strided values");
+    // through autodiff, against burn's own module and autodiff
+    let mut norm = burn::nn::RmsNormConfig::new(n).with_epsilon(eps).init::<Ad>(&device);
+    norm.gamma = burn::module::Param::from_tensor(Tensor::from_inner(gamma));
+    let x = Tensor::<Ad, 3>::from_inner(x).require_grad();
+    let w = Tensor::<Ad, 3>::from_inner(d_y);
+    let grads_of = |y: Tensor<Ad, 3>| (y * w.clone()).sum().backward();
+    let (fused, composed) = (grads_of(Ad::rms_norm(x.clone(), norm.gamma.val(), eps)), grads_of(norm.forward(x.clone())));
+    close(to_vec(x.grad(&fused).unwrap()), to_vec(x.grad(&composed).unwrap()), "autodiff d_x");
+    close(to_vec(norm.gamma.grad(&fused).unwrap()), to_vec(norm.gamma.grad(&composed).unwrap()), "autodiff d_gamma");
 }

@@ -58,7 +58,7 @@ fn bf16_weight_rounding_bound(config: &Qwen2Config, scale: f32) -> f32 {
     (9 * config.num_hidden_layers + 3) as f32 * BF16_ROUNDOFF * scale
 }
 
-fn logits<B: burn::tensor::backend::Backend>(model: &t1_model::Qwen2<B>, r: &Reference) -> Vec<f32> {
+fn logits<B: t1_model::FusedOps>(model: &t1_model::Qwen2<B>, r: &Reference) -> Vec<f32> {
     to_vec(model.forward(&Inputs::dense(r.batch, r.len, r.ids.clone()), None))
 }
 

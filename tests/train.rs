@@ -1,6 +1,7 @@
 //! The SFT and RL loops on a tiny model: they learn, they resume exactly, RL touches every
 //! parameter. Runs on the CPU backend through the same entry points as `t1 sft` / `t1 rl`.
 
+use t1_model::FusedOps;
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -48,9 +49,9 @@ pub fn sft_config(data: &Path, out: &Path, steps: usize) -> SftConfig {
     t1_train::load_config::<SftConfig>(None, &sets).unwrap().0
 }
 
-fn params<B: Backend, M: Module<B>>(m: &M) -> Vec<Vec<f32>> {
+fn params<B: FusedOps, M: Module<B>>(m: &M) -> Vec<Vec<f32>> {
     struct Collect(Vec<Vec<f32>>);
-    impl<B: Backend> ModuleVisitor<B> for Collect {
+    impl<B: FusedOps> ModuleVisitor<B> for Collect {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             self.0.push(to_vec(p.val()));
         }
@@ -223,9 +224,9 @@ fn one_rl_step_changes_every_parameter_and_resume_is_exact() {
 
 
 /// Every parameter's gradient in `grads` (module order), or an empty vector where it has none.
-fn grad_values<B: burn::tensor::backend::AutodiffBackend>(model: &t1_model::Qwen2<B>, grads: &burn::optim::GradientsParams) -> Vec<Vec<f32>> {
+fn grad_values<B: t1_model::FusedAutodiff>(model: &t1_model::Qwen2<B>, grads: &burn::optim::GradientsParams) -> Vec<Vec<f32>> {
     struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<Vec<f32>>);
-    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+    impl<B: t1_model::FusedAutodiff> ModuleVisitor<B> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             self.1.push(self.0.get::<B::InnerBackend, D>(p.id).map(to_vec).unwrap_or_default());
         }
@@ -329,7 +330,7 @@ struct CheckpointedVsKept;
 
 impl t1_backends::BackendTask for CheckpointedVsKept {
     type Output = f32;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> f32 {
+    fn run<B: t1_model::FusedAutodiff>(self, device: B::Device) -> f32 {
         use t1_train::checkpoint::ActivationCheckpointing;
         let (flex_model, batch) = tiny_sft_setup();
         // the same weights on this backend

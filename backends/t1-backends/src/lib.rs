@@ -3,12 +3,12 @@
 //! picks one at run time and [`dispatch`] runs a generic task instantiated for it.
 //!
 //! **Architecture invariant:** this is the only crate (with the binary, through it) that names
-//! a concrete backend. Everything else is generic over `B: Backend` / `B: AutodiffBackend`.
+//! a concrete backend. Everything else is generic over `B: FusedOps` / `B: FusedAutodiff`.
 
+use t1_ops::FusedAutodiff;
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 
 /// CPU backend (burn-flex), with autodiff.
@@ -92,7 +92,7 @@ pub enum BackendError {
 /// Work generic over the backend; [`dispatch`] runs it on the backend a [`DeviceSpec`] names.
 pub trait BackendTask {
     type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Self::Output;
 }
 
 /// Runs `task` on the backend and device `spec` names, after checking that the device opens
@@ -146,7 +146,7 @@ pub fn dispatch<T: BackendTask>(spec: &DeviceSpec, task: T) -> Result<T::Output,
 }
 
 /// Opens the device with a tiny round trip; a panic inside the backend becomes an error.
-pub fn probe<B: AutodiffBackend>(spec: &DeviceSpec, device: &B::Device, hint: &'static str) -> Result<(), BackendError> {
+pub fn probe<B: FusedAutodiff>(spec: &DeviceSpec, device: &B::Device, hint: &'static str) -> Result<(), BackendError> {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let device2 = device.clone();
@@ -259,7 +259,7 @@ mod tests {
         struct Noop;
         impl BackendTask for Noop {
             type Output = ();
-            fn run<B: AutodiffBackend>(self, _: B::Device) {}
+            fn run<B: FusedAutodiff>(self, _: B::Device) {}
         }
         let err = dispatch(&DeviceSpec::Cuda(0), Noop).unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");

@@ -11,20 +11,19 @@
 //! - [`ema_update`]: T1's dynamic anchor θ_ref ← β·θ_ref + (1−β)·θ.
 //!
 //! **Architecture invariant:** no I/O, no concrete backend; every function is generic over
-//! `B: Backend` and documents its shapes.
+//! `B: FusedOps` and documents its shapes.
 
+use t1_model::FusedOps;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
-use t1_model::fused::log_softmax;
 
 /// Log-probability of each target token.
 ///
 /// # Shapes
 /// - logits `[B, T, V]`, targets `[B, T]` → `[B, T]`
-pub fn token_logprobs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-    let logp = log_softmax(logits);
+pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let logp = B::log_softmax_last(logits);
     logp.gather(2, targets.unsqueeze_dim(2)).squeeze_dim(2)
 }
 
@@ -32,8 +31,8 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, In
 ///
 /// # Shapes
 /// - logits `[B, T, V]` → `[B, T]`
-pub fn token_entropy<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
-    let logp = log_softmax(logits);
+pub fn token_entropy<B: FusedOps>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let logp = B::log_softmax_last(logits);
     logp.clone().exp().mul(logp).sum_dim(2).squeeze_dim(2).neg()
 }
 
@@ -103,7 +102,7 @@ pub enum KlEstimator {
 ///
 /// # Shapes
 /// - logp, ref_logp `[B, T]` → `[B, T]`
-pub fn kl<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlEstimator) -> Tensor<B, 2> {
+pub fn kl<B: FusedOps>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlEstimator) -> Tensor<B, 2> {
     let log_ratio = logp - ref_logp; // log π/π_ref
     match estimator {
         KlEstimator::K1 => log_ratio,
@@ -122,7 +121,7 @@ pub fn kl<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlE
 ///
 /// # Shapes
 /// - logp, old_logp `[B, T]`, advantages `[B]` (one per sequence) → (`[B, T]`, `[B, T]` 0/1)
-pub fn policy_loss<B: Backend>(
+pub fn policy_loss<B: FusedOps>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,
     advantages: Tensor<B, 1>,
@@ -173,7 +172,7 @@ impl Normalizer {
 ///
 /// # Shapes
 /// - loss, mask `[B, T]` → `[1]`
-pub fn aggregate<B: Backend>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggMode, norm: Normalizer) -> Tensor<B, 1> {
+pub fn aggregate<B: FusedOps>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggMode, norm: Normalizer) -> Tensor<B, 1> {
     let masked = loss * mask.clone();
     match mode {
         AggMode::TokenMean => masked.sum().div_scalar(norm.tokens),
@@ -189,7 +188,7 @@ pub fn aggregate<B: Backend>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggMo
 ///
 /// # Shapes
 /// - x, mask `[B, T]` → `[1]`
-pub fn masked_mean<B: Backend>(x: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn masked_mean<B: FusedOps>(x: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
     (x * mask.clone()).sum() / mask.sum().clamp_min(1.0)
 }
 
@@ -207,18 +206,18 @@ pub enum Anchor {
 
 /// θ_ref ← β·θ_ref + (1−β)·θ for every float parameter. Both modules must have the same
 /// structure (the reference is a copy of the policy).
-pub fn ema_update<B: Backend, M: Module<B>>(reference: M, policy: &M, beta: f32) -> M {
-    struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
-    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+pub fn ema_update<B: FusedOps, M: Module<B>>(reference: M, policy: &M, beta: f32) -> M {
+    struct Collect<B: FusedOps>(Vec<Tensor<B, 1>>);
+    impl<B: FusedOps> ModuleVisitor<B> for Collect<B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             self.0.push(param.val().reshape([-1]));
         }
     }
-    struct Blend<B: Backend> {
+    struct Blend<B: FusedOps> {
         policy: std::vec::IntoIter<Tensor<B, 1>>,
         beta: f32,
     }
-    impl<B: Backend> ModuleMapper<B> for Blend<B> {
+    impl<B: FusedOps> ModuleMapper<B> for Blend<B> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, tensor, mapper) = param.consume();
             let theta = self.policy.next().expect("same structure").reshape(tensor.dims());

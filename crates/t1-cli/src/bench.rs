@@ -2,12 +2,12 @@
 //! one checkpoint, as one JSON line (compare with `benches/reference.py`, PyTorch on the same
 //! checkpoint).
 
+use t1_model::FusedAutodiff;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::optim::{GradientsAccumulator, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use t1_backends::BackendTask;
@@ -30,7 +30,7 @@ impl BackendTask for BenchSft {
 
     /// forward + backward + AdamW on random tokens `[batch, seq]` (every position a loss
     /// token), after one warm-up step.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let (config, mut model) = t1_model::load::<B>(&self.model, self.dtype, &device).with_context(|| format!("loading {}", self.model.display()))?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let (b, t) = (self.batch, self.seq);
@@ -89,7 +89,7 @@ impl BackendTask for BenchGenerate {
 
     /// Every sequence samples exactly `new` tokens at temperature 1 with the KV cache (no
     /// EOS stop), from `prompt` random tokens; one warm-up run of 4 tokens first.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, self.dtype, &device).with_context(|| format!("loading {}", self.model.display()))?;
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let prompts: Vec<Vec<u32>> = (0..self.batch).map(|_| (0..self.prompt).map(|_| rng.random_range(0..config.vocab_size as u32)).collect()).collect();

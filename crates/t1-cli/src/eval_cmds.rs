@@ -1,10 +1,10 @@
 //! `t1 eval` (accuracy vs thinking budget) and `t1 demo` (the whole recipe on the laptop task).
 
+use t1_model::FusedAutodiff;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use t1_backends::{BackendTask, DeviceSpec};
 use t1_data::{ChatTokenizer, OnBadLine};
 use t1_eval::{EvalConfig, EvalReport};
@@ -20,7 +20,7 @@ pub struct Eval {
 
 impl BackendTask for Eval {
     type Output = Result<Vec<EvalReport>>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Vec<EvalReport>> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<Vec<EvalReport>> {
         let mut problems = t1_data::read_problems(&self.data, OnBadLine::Error)?.items;
         if self.limit > 0 {
             problems.truncate(self.limit);

@@ -1,10 +1,10 @@
 //! `t1 info` and `t1 logits`.
 
+use t1_model::FusedAutodiff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use t1_backends::BackendTask;
 use t1_model::{hf, Inputs, Qwen2Config, WeightDtype};
 
@@ -37,7 +37,7 @@ pub struct Logits {
 impl BackendTask for Logits {
     type Output = Result<()>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, self.dtype, &device)
             .with_context(|| format!("loading {}", self.model.display()))?;
         if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i as usize >= config.vocab_size) {
@@ -65,7 +65,7 @@ pub struct Generate {
 impl BackendTask for Generate {
     type Output = Result<()>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         use rand::SeedableRng;
         let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, WeightDtype::F32, &device)
             .with_context(|| format!("loading {}", self.model.display()))?;
@@ -91,7 +91,7 @@ pub struct CrossCompute {
 
 impl BackendTask for CrossCompute {
     type Output = Vec<t1_train::crosscheck::Quantity>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Self::Output {
         t1_train::crosscheck::compute::<B>(&self.case, &device)
     }
 }

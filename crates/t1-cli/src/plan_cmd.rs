@@ -30,7 +30,7 @@ pub struct PlanArgs {
 /// Qwen2.5 size, when the checkpoint is not on this machine), for RL the longest prompt of the
 /// data (or `prompt_tokens`).
 pub fn plan_of(stage: Stage, config: &Path, sets: &[String], arch: Option<&str>, prompt_tokens: Option<usize>) -> Result<MemoryPlan> {
-    let shape_of = |source: &t1_train::sft::ModelSource, tokenizer: &Path| -> Result<t1_model::Qwen2Config> {
+    let shape_of = |source: &t1_train::common::ModelSource, tokenizer: &Path| -> Result<t1_model::Qwen2Config> {
         match arch {
             Some(name) => plan::qwen25(name).with_context(|| format!("unknown --arch {name:?}: use qwen2.5-0.5b, -1.5b, -3b, -7b, -14b or -32b")),
             None => plan::model_shape(source, tokenizer).with_context(|| {

@@ -1,10 +1,10 @@
 //! `t1 data synth`, `t1 sft`, `t1 rl`, `t1 grade`: thin glue from the CLI to the libraries.
 
+use t1_model::FusedAutodiff;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use t1_backends::BackendTask;
 use t1_data::TaskConfig;
@@ -74,7 +74,7 @@ pub struct Sft {
 
 impl BackendTask for Sft {
     type Output = Result<()>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let summary = t1_train::sft::run_sft::<B>(&self.config, &self.resolved, self.resume, &device)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())
@@ -89,7 +89,7 @@ pub struct Rl {
 
 impl BackendTask for Rl {
     type Output = Result<()>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let summary = t1_train::rl::run_rl::<B>(&self.config, &self.resolved, self.resume, &device)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         Ok(())

@@ -6,10 +6,10 @@
 //! Every budget's run is a prefix of the largest budget's run (same seeded sampler), so the
 //! model generates once at the largest budget and each smaller budget is read off by truncation.
 
+use t1_model::FusedOps;
 use std::collections::HashMap;
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,7 @@ pub struct EvalReport {
 
 /// Runs the budget sweep for one model: [`sweep`] with the model's seeded generator
 /// ([`generate_sharded`], one ChaCha stream from `cfg.seed` for every call, in call order).
-pub fn evaluate<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> EvalReport {
+pub fn evaluate<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> EvalReport {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (eos, pad) = (tokenizer.eos_id(), tokenizer.pad_id());
     let generate = |prompts: &[Vec<u32>], sampling: &SamplingConfig| generate_sharded(model, prompts, sampling, &[eos], pad, &mut rng, cfg.threads);

@@ -1,22 +1,21 @@
 //! The Qwen2 / Qwen2.5 model of t1: its Hugging Face config, the decoder (generic over the
-//! burn backend, with a KV cache) and checkpoint I/O in the Hugging Face layout.
+//! burn backend, with a KV cache), the decoding interface the sampler uses, and checkpoint I/O
+//! in the Hugging Face layout.
 //!
-//! **Architecture invariant:** this crate names no concrete backend.
+//! **Architecture invariant:** this crate names no concrete backend: the model is generic over
+//! [`FusedOps`], burn's backend extended with the model's fused operations (`t1-ops`).
 
 pub mod compare;
 mod config;
-mod decode;
-pub mod fused;
+mod decoding;
 pub mod hf;
-mod kernels;
 mod model;
-mod packed;
-mod team;
 
 pub use config::Qwen2Config;
+pub use decoding::{BurnDecoder, Decoder};
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
-pub use model::{Inputs, KvCache, LayerInputs, Qwen2};
-pub use decode::DecodeWeights;
+pub use model::{rope_angles, Inputs, KvCache, LayerInputs, Qwen2, MASKED};
+pub use t1_ops::{FusedAutodiff, FusedOps};
 
 use std::path::{Path, PathBuf};
 

@@ -9,21 +9,17 @@
 //! Masks and rotary tables are computed on the host from the padding mask ([`Inputs`]), so
 //! the same code serves full forward passes, left/right padded batches and KV-cache decoding.
 
-use std::sync::Arc;
-
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use t1_ops::FusedOps;
 
-use crate::decode::{DecodeWeights, HostKv};
-use crate::fused;
-use crate::team::Team;
 use crate::Qwen2Config;
 
 /// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
 /// query) gives a uniform distribution instead of NaN.
-pub(crate) const MASKED: f32 = -1e9;
+pub const MASKED: f32 = -1e9;
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -67,45 +63,31 @@ pub struct Qwen2<B: Backend> {
 pub struct KvCache<B: Backend> {
     /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`.
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    /// Weights for decoding on the host (CPU only, see `decode.rs`).
-    weights: Option<DecodeWeights>,
-    /// While decoding on the host, the keys and values live here instead of in `layers`.
-    host: Option<HostKv>,
-    /// Threads of a host decoding step, started at the first one.
-    threads: usize,
-    team: Option<Arc<Team>>,
 }
 
 impl<B: Backend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], weights: None, host: None, threads: 1, team: None }
+        Self { layers: vec![None; num_layers] }
     }
 
-    /// Decoding steps through this cache run on the host with `weights` (from
-    /// [`Qwen2::decode_weights`] of the same model, unchanged since); `None` changes nothing.
-    pub fn with_decode_weights(mut self, weights: Option<DecodeWeights>) -> Self {
-        self.weights = weights;
-        self
+    /// A cache of these per-layer keys and values (see [`Self::into_layers`]).
+    pub fn from_layers(layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Self {
+        Self { layers }
     }
 
-    /// Host decoding steps (see [`Self::with_decode_weights`]) split their work between
-    /// `threads` threads (this one and `threads - 1` helpers that spin while the cache lives:
-    /// drop the cache when decoding is done). Default 1.
-    pub fn with_threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
-        self
+    /// Per layer: keys and values `[batch, num_kv_heads, seen, head_dim]`, `None` before the
+    /// first call.
+    pub fn into_layers(self) -> Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>> {
+        self.layers
     }
 
     /// The caches of batch shards (same length, e.g. prefilled on separate threads) as one
-    /// cache of their rows in order; no decode weights. Host-side caches are brought back to
-    /// tensors first.
+    /// cache of their rows in order.
     pub fn cat(caches: Vec<KvCache<B>>) -> Self {
         let n = caches.first().map_or(0, |c| c.layers.len());
         let mut per_layer: Vec<Vec<(Tensor<B, 4>, Tensor<B, 4>)>> = vec![vec![]; n];
-        for mut c in caches {
+        for c in caches {
             assert_eq!(c.layers.len(), n, "caches of models with different layer counts");
-            // host-side caches exist only on burn-flex, whose one device is the default
-            c.leave_host(&Default::default());
             for (slot, layer) in c.layers.into_iter().zip(&mut per_layer) {
                 layer.extend(slot);
             }
@@ -119,21 +101,11 @@ impl<B: Backend> KvCache<B> {
                 })
             })
             .collect();
-        Self { layers, ..Self::new(0) }
-    }
-
-    /// Moves a host-side cache back into tensors (for a forward call through burn).
-    fn leave_host(&mut self, device: &B::Device) {
-        if let Some(kv) = self.host.take() {
-            self.layers = kv.into_tensors(device);
-        }
+        Self { layers }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        if let Some(host) = &self.host {
-            return host.len;
-        }
         self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
     }
 
@@ -276,27 +248,15 @@ impl<B: Backend> Qwen2<B> {
     pub fn device(&self) -> B::Device {
         self.embed_tokens.weight.device()
     }
+}
 
-    /// Logits of every new position, in the model's dtype; a host decoding step (a cache with
-    /// [`KvCache::with_decode_weights`], one token per sequence) computes and returns them in
-    /// f32, also for a bf16 model.
+impl<B: FusedOps> Qwen2<B> {
+    /// Logits of every new position, in the model's dtype.
     ///
     /// # Shapes
     /// - returns `[batch, len, vocab_size]`
     pub fn forward(&self, inputs: &Inputs, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        match cache {
-            // one token per sequence, weights on the host: the host decoding step (`decode.rs`)
-            Some(c) if inputs.len == 1 && c.weights.is_some() => {
-                let weights = c.weights.clone().expect("checked");
-                let (kv_heads, head_dim) = (weights.0.kv_heads, weights.0.head_dim);
-                let kv = c.host.get_or_insert_with(|| HostKv::from_tensors(&mut c.layers, inputs.batch, kv_heads, head_dim, self.dtype()));
-                let team = c.team.get_or_insert_with(|| Arc::new(Team::new(c.threads)));
-                let logits = weights.0.step(inputs, kv, team);
-                let data = TensorData::new(logits, [inputs.batch, 1, self.vocab_size()]);
-                Tensor::from_data(data, (&self.device(), DType::F32))
-            }
-            cache => self.lm_head(self.forward_hidden(inputs, cache)),
-        }
+        self.lm_head(self.forward_hidden(inputs, cache))
     }
 
     /// Final hidden states (after the last RMSNorm), `[batch, len, hidden_size]`.
@@ -310,15 +270,12 @@ impl<B: Backend> Qwen2<B> {
         let rope = self.rope_tables(inputs, &device, dtype);
         let bias = attention_bias::<B>(inputs, &device, dtype);
 
-        if let Some(c) = cache.as_deref_mut() {
-            c.leave_host(&device);
-        }
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, bias.clone(), layer_cache);
         }
-        fused::rms_norm(&self.norm, x)
+        rms_norm(&self.norm, x)
     }
 
     /// The token embeddings, `[batch, len, hidden]`: the first stage of a forward pass without a
@@ -342,7 +299,7 @@ impl<B: Backend> Qwen2<B> {
 
     /// The final RMSNorm and the head: last hidden states → logits `[batch, len, vocab]`.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lm_head(fused::rms_norm(&self.norm, x))
+        self.lm_head(rms_norm(&self.norm, x))
     }
 
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
@@ -364,7 +321,7 @@ impl<B: Backend> Qwen2<B> {
     /// cos and sin of the rotary angles, computed in f32 the way transformers does
     /// (`inv_freq = 1 / theta^(2i/d)`, angles = position * inv_freq), laid out like the
     /// projected heads before they are transposed, `[batch, len, heads, head_dim]`, once for the
-    /// query heads and once for the kv heads: the products in [`fused::rope_heads`] are then
+    /// query heads and once for the kv heads: the products in [`FusedOps::rope_heads`] are then
     /// between contiguous tensors of one shape.
     fn rope_tables(&self, inputs: &Inputs, device: &B::Device, dtype: DType) -> Rope<B> {
         let d = self.layers.first().map(|l| l.self_attn.head_dim).unwrap_or(2);
@@ -383,7 +340,7 @@ impl<B: Backend> Qwen2<B> {
 
 /// cos and sin of the rotary angles of `positions`, `[positions.len()][head_dim]` (each
 /// frequency twice, HF's rotate-half layout), in f32 as transformers computes them.
-pub(crate) fn rope_angles(positions: &[i64], theta: f32, d: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn rope_angles(positions: &[i64], theta: f32, d: usize) -> (Vec<f32>, Vec<f32>) {
     let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32)).collect();
     let n = positions.len() * d;
     let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -431,7 +388,7 @@ fn attention_bias<B: Backend>(inputs: &Inputs, device: &B::Device, dtype: DType)
     Tensor::<B, 4>::from_data(TensorData::new(bias, [b, 1, t, s]), (device, DType::F32)).cast(dtype)
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: FusedOps> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -439,21 +396,21 @@ impl<B: Backend> DecoderLayer<B> {
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(fused::rms_norm(&self.input_layernorm, x), rope, bias, cache);
-        h.clone() + self.mlp.forward(fused::rms_norm(&self.post_attention_layernorm, h))
+        let h = x.clone() + self.self_attn.forward(rms_norm(&self.input_layernorm, x), rope, bias, cache);
+        h.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, h))
     }
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FusedOps> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = project(&self.gate_proj, x.clone());
         let up = project(&self.up_proj, x);
-        project(&self.down_proj, fused::swiglu(gate, up))
+        project(&self.down_proj, B::swiglu(gate, up))
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: FusedOps> Attention<B> {
     /// Grouped-query attention with rotate-half rotary embeddings.
     ///
     /// # Shapes
@@ -470,8 +427,8 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // rotate while each projection is still `[b, t, heads, d]` (contiguous), out as `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = fused::rope_heads(heads(project(&self.q_proj, x.clone()), h), &rope.q);
-        let mut k = fused::rope_heads(heads(project(&self.k_proj, x.clone()), kvh), &rope.k);
+        let q = B::rope_heads(heads(project(&self.q_proj, x.clone()), h), rope.q.0.clone(), rope.q.1.clone());
+        let mut k = B::rope_heads(heads(project(&self.k_proj, x.clone()), kvh), rope.k.0.clone(), rope.k.1.clone());
         let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
@@ -486,10 +443,15 @@ impl<B: Backend> Attention<B> {
         let (rep, s) = (h / kvh, k.dims()[2]);
         let q = q.reshape([b, kvh, rep * t, d]);
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, kvh, rep*t, s], scaled by 1/√d through the query's rotary tables
-        let probs = fused::masked_softmax(scores.reshape([b, h, t, s]), bias);
+        let probs = B::masked_softmax(scores.reshape([b, h, t, s]), bias);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
         project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }
+}
+
+/// `norm.forward(x)` through the backend's fused RMSNorm.
+fn rms_norm<B: FusedOps>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    B::rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
 /// `linear(x)` for `x` `[batch, len, in]` as one `[batch * len, in] × [in, out]` matmul: burn's

@@ -11,9 +11,9 @@
 //! backend; gradients are the non-checkpointed ones up to float summation order (tested on
 //! flex and wgpu).
 
+use t1_model::FusedAutodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use t1_model::{Inputs, Qwen2};
@@ -31,7 +31,7 @@ pub enum ActivationCheckpointing {
 
 /// Gradients of `loss(logits)` for the model's parameters, its value, and what `loss` returns
 /// besides (statistics). `loss` gets the logits of `inputs`, `[batch, len, vocab]`.
-pub fn loss_grads<B: AutodiffBackend, E>(
+pub fn loss_grads<B: FusedAutodiff, E>(
     model: &Qwen2<B>,
     inputs: &Inputs,
     mode: ActivationCheckpointing,
@@ -39,7 +39,7 @@ pub fn loss_grads<B: AutodiffBackend, E>(
 ) -> (GradientsParams, f32, E) {
     if mode == ActivationCheckpointing::None {
         let (l, extra) = loss(model.forward(inputs, None));
-        let value = crate::sft::scalar(l.clone());
+        let value = crate::common::scalar(l.clone());
         return (GradientsParams::from_grads(l.backward(), model), value, extra);
     }
     // forward without autodiff, keeping each layer's input
@@ -55,7 +55,7 @@ pub fn loss_grads<B: AutodiffBackend, E>(
     // the head and the loss, from the last hidden states
     let x = Tensor::<B, 3>::from_inner(saved.pop().expect("last hidden states")).require_grad();
     let (l, extra) = loss(model.head(x.clone()));
-    let value = crate::sft::scalar(l.clone());
+    let value = crate::common::scalar(l.clone());
     let grads = l.backward();
     let mut upstream = x.grad(&grads);
     accum.accumulate(model, GradientsParams::from_grads(grads, model));

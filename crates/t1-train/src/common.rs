@@ -1,20 +1,180 @@
-//! What the SFT and RL loops share: the learning-rate schedule, global-norm gradient clipping,
-//! metrics JSONL, progress bars, and checkpoints with everything a resumed run needs.
+//! What the SFT and RL loops share: where the model comes from and its initialisation, the
+//! optimiser's settings, the learning-rate schedule, global-norm gradient clipping, metrics
+//! JSONL, progress bars, and checkpoints with everything a resumed run needs. It imports no
+//! other module of this crate but the error type.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use t1_data::ChatTokenizer;
-use t1_model::{Qwen2, Qwen2Config, SaveOptions};
+use t1_model::{FusedAutodiff, FusedOps, Qwen2, Qwen2Config, SaveOptions, WeightDtype};
 
 use crate::TrainError;
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSource {
+    /// A Hugging Face checkpoint directory; empty = random init from `[model.scratch]`.
+    pub checkpoint: PathBuf,
+    /// f32, or bf16 on flex/cuda.
+    pub dtype: String,
+    pub scratch: ScratchModel,
+}
+
+/// A Qwen2 architecture for training from scratch (vocab_size comes from the tokenizer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScratchModel {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub tie_word_embeddings: bool,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub initializer_range: f64,
+}
+
+/// AdamW with warmup + cosine decay and global-norm clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    /// The cosine decays to lr * min_lr_ratio.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global L2 norm clip of the gradients (0 = off).
+    pub grad_clip: f32,
+    /// Keep f32 master weights and f32 AdamW moments while forward and backward run in the
+    /// model's bf16 (PyTorch AMP style). Unset = on for bf16; false = pure bf16, whose updates
+    /// round away at small learning rates. An error with f32 weights.
+    pub master_weights: Option<bool>,
+}
+
+impl Default for ModelSource {
+    fn default() -> Self {
+        Self { checkpoint: PathBuf::new(), dtype: "f32".into(), scratch: ScratchModel::default() }
+    }
+}
+
+impl Default for ScratchModel {
+    fn default() -> Self {
+        Self {
+            hidden_size: 128,
+            intermediate_size: 384,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            tie_word_embeddings: true,
+            rope_theta: 10000.0,
+            max_position_embeddings: 1024,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { lr: 1e-5, min_lr_ratio: 0.0, warmup_steps: 0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0, master_weights: None }
+    }
+}
+
+impl OptimConfig {
+    /// burn's AdamW with these moments, epsilon and (decoupled) weight decay.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig::new().with_beta_1(self.beta1).with_beta_2(self.beta2).with_epsilon(self.eps).with_weight_decay(self.weight_decay)
+    }
+}
+
+/// The model, tokenizer and its config, from a checkpoint or from scratch.
+pub fn init_model<B: FusedOps>(
+    source: &ModelSource,
+    tokenizer_path: &Path,
+    device: &B::Device,
+) -> Result<(Qwen2Config, Qwen2<B>, ChatTokenizer), TrainError> {
+    let dtype = WeightDtype::parse(&source.dtype).unwrap_or(WeightDtype::F32);
+    let tok_path = if tokenizer_path.as_os_str().is_empty() {
+        source.checkpoint.join(TOKENIZER_FILE)
+    } else {
+        tokenizer_path.to_path_buf()
+    };
+    let tokenizer = ChatTokenizer::from_file(&tok_path)?;
+    if source.checkpoint.as_os_str().is_empty() {
+        let config = scratch_config(&source.scratch, &tokenizer)?;
+        let model = Qwen2::init(&config, device);
+        let model = cast(model, dtype.burn());
+        Ok((config, model, tokenizer))
+    } else {
+        let (config, model) = t1_model::load(&source.checkpoint, dtype, device)?;
+        tokenizer.check_model_vocab(config.vocab_size).map_err(|e| TrainError::Checkpoint {
+            path: source.checkpoint.clone(),
+            message: format!("{} does not fit it: {e}", tok_path.display()),
+        })?;
+        Ok((config, model, tokenizer))
+    }
+}
+
+/// The architecture `[model.scratch]` describes, with the tokenizer's vocabulary and EOS.
+pub fn scratch_config(s: &ScratchModel, tokenizer: &ChatTokenizer) -> Result<Qwen2Config, TrainError> {
+    let mut config = Qwen2Config::tiny(tokenizer.vocab_size(), s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads);
+    config.intermediate_size = s.intermediate_size;
+    config.tie_word_embeddings = s.tie_word_embeddings;
+    config.rope_theta = Some(s.rope_theta);
+    config.max_position_embeddings = s.max_position_embeddings;
+    config.initializer_range = s.initializer_range;
+    config.eos_token_id = Some(tokenizer.eos_id().into());
+    config.bos_token_id = None;
+    config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
+    Ok(config)
+}
+
+/// The model with every float parameter cast to `dtype` (ids kept).
+pub fn cast<B: FusedOps>(model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
+    struct Cast(DType);
+    impl<B: FusedOps> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, m) = p.consume();
+            let t = match (t.dtype() == self.0, t.is_require_grad()) {
+                (true, _) => t,
+                // a trained parameter stays a graph leaf
+                (false, true) => t.cast(self.0).detach().require_grad(),
+                (false, false) => t.cast(self.0),
+            };
+            Param::from_mapped_value(id, t, m)
+        }
+    }
+    model.map(&mut Cast(dtype))
+}
+
+/// The ids and ranks of a model's float parameters.
+pub fn param_ids<B: FusedOps, M: Module<B>>(model: &M) -> Vec<(ParamId, usize)> {
+    struct Ids(Vec<(ParamId, usize)>);
+    impl<B: FusedOps> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.id, D));
+        }
+    }
+    let mut ids = Ids(vec![]);
+    model.visit(&mut ids);
+    ids.0
+}
+
+/// The value of a one-element tensor (NaN when it cannot be read).
+pub fn scalar<B: FusedOps>(t: Tensor<B, 1>) -> f32 {
+    t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+}
 
 /// Linear warmup to `peak` over `warmup` steps, then cosine decay to `peak * min_ratio` at `total`.
 pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64) -> f64 {
@@ -30,12 +190,12 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64
 /// Scales all gradients so that their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`; burn's own clipping is per parameter). Returns the norm before clipping,
 /// which is NaN or infinite when a gradient is: the caller then skips the step.
-pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn clip_global_norm<B: FusedAutodiff, M: AutodiffModule<B>>(
     model: &M,
     mut grads: GradientsParams,
     max_norm: f32,
 ) -> (GradientsParams, f32) {
-    let ids = crate::master::param_ids::<B, M>(model);
+    let ids = param_ids::<B, M>(model);
     // the norm in f32 whatever the gradients' dtype (a bf16 sum of squares is off by percents)
     let mut squares: Vec<Tensor<B::InnerBackend, 1>> = vec![];
     for &(id, d) in &ids {
@@ -138,7 +298,7 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// and renamed when complete, so a crash leaves the previous checkpoint intact; only the
 /// newest `keep` checkpoints are kept.
 #[allow(clippy::too_many_arguments)]
-pub fn save_checkpoint<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B>>(
+pub fn save_checkpoint<B: FusedAutodiff, O: burn::optim::Optimizer<Qwen2<B>, B>>(
     out_dir: &Path,
     model: &Qwen2<B>,
     config: &Qwen2Config,
@@ -248,7 +408,7 @@ pub fn list_checkpoints(out_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Reads the trainer state and optimiser record of a checkpoint into `optim`.
-pub fn load_resume_state<B: AutodiffBackend, O: burn::optim::Optimizer<Qwen2<B>, B>>(
+pub fn load_resume_state<B: FusedAutodiff, O: burn::optim::Optimizer<Qwen2<B>, B>>(
     dir: &Path,
     optim: O,
     device: &B::Device,

@@ -4,9 +4,9 @@
 //! A [`Case`] is host data (HF-named weights, token ids with padding, RL tensors); [`compute`]
 //! evaluates every quantity on one backend and returns host vectors; [`compare`] makes the table.
 
+use t1_model::{FusedAutodiff, FusedOps};
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -106,7 +106,7 @@ impl Default for Terms {
 }
 
 /// Every compared quantity of `case` on backend `B`.
-pub fn compute<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Vec<Quantity> {
+pub fn compute<B: FusedAutodiff>(case: &Case, device: &B::Device) -> Vec<Quantity> {
     compute_with::<B>(case, device, Terms::default())
 }
 
@@ -117,7 +117,7 @@ pub fn compute<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Vec<Quant
 /// loading), `grad/P` (the gradient of the summed losses) and `adamw_update/P` (one AdamW step
 /// θ' − θ divided by [`STEP_LR`]: about −sign(g) − wd·θ) for every parameter `P`, named by its
 /// module path in visiting order.
-pub fn compute_with<B: AutodiffBackend>(case: &Case, device: &B::Device, terms: Terms) -> Vec<Quantity> {
+pub fn compute_with<B: FusedAutodiff>(case: &Case, device: &B::Device, terms: Terms) -> Vec<Quantity> {
     let model: Qwen2<B> = hf::from_named_tensors(&case.config, case.weights.clone(), WeightDtype::F32, device).expect("case weights match");
     let (b, t) = (case.batch, case.len);
     let inputs = Inputs::new(b, t, case.ids.clone(), case.attention.clone());
@@ -169,39 +169,39 @@ fn masked(v: Vec<f32>, mask: &[f32]) -> Vec<f32> {
     v.into_iter().zip(mask).filter(|(_, m)| **m > 0.0).map(|(x, _)| x).collect()
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn host<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
 }
 
 /// What [`per_param`] reads from each parameter.
-trait Read<B: Backend> {
+trait Read<B: FusedOps> {
     fn read<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Vec<f32>;
 }
 
 /// The parameter's values.
 struct Values;
-impl<B: Backend> Read<B> for Values {
+impl<B: FusedOps> Read<B> for Values {
     fn read<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Vec<f32> {
         host(param.val())
     }
 }
 
 /// The parameter's gradient (empty when it has none).
-struct Grad<'a, B: AutodiffBackend>(&'a B::Gradients);
-impl<B: AutodiffBackend> Read<B> for Grad<'_, B> {
+struct Grad<'a, B: FusedAutodiff>(&'a B::Gradients);
+impl<B: FusedAutodiff> Read<B> for Grad<'_, B> {
     fn read<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Vec<f32> {
         param.val().grad(self.0).map(host).unwrap_or_default()
     }
 }
 
 /// `read` of every float parameter of `model`, named by its module path (`layers.0.mlp...`).
-fn per_param<B: Backend, R: Read<B>>(model: &impl Module<B>, read: R) -> Vec<(String, Vec<f32>)> {
+fn per_param<B: FusedOps, R: Read<B>>(model: &impl Module<B>, read: R) -> Vec<(String, Vec<f32>)> {
     struct Paths<R> {
         path: Vec<String>,
         read: R,
         out: Vec<(String, Vec<f32>)>,
     }
-    impl<B: Backend, R: Read<B>> ModuleVisitor<B> for Paths<R> {
+    impl<B: FusedOps, R: Read<B>> ModuleVisitor<B> for Paths<R> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.push(name.to_string());
         }

@@ -6,13 +6,14 @@
 //! log-probability under the temperature-scaled distribution, log softmax(logits / T), which is
 //! what the RL trainer recomputes, so the gap between the two measures engine agreement.
 
+use t1_model::FusedOps;
 use std::ops::Range;
 
-use burn::tensor::backend::Backend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use t1_model::{DecodeWeights, Inputs, KvCache, Qwen2};
+use t1_cpu::HostEngine;
+use t1_model::{BurnDecoder, Decoder, Inputs, KvCache, Qwen2};
 
 /// How tokens are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,7 +66,7 @@ pub struct Rollout {
 }
 
 /// Samples one response per prompt (prompts may differ in length).
-pub fn generate<B: Backend>(
+pub fn generate<B: FusedOps>(
     model: &Qwen2<B>,
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
@@ -73,15 +74,16 @@ pub fn generate<B: Backend>(
     pad: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Rollout> {
-    generate_with(model, model.decode_weights(), 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
+    generate_with(model, HostEngine::new(model), 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
 }
 
-/// [`generate`] with the model's decode weights made by the caller (shared by threads) and run
-/// on `threads` threads, the tokens of the rows in each range drawn from its own stream.
+/// [`generate`] with the CPU engine for the model made by the caller (`None`: decoding through
+/// burn) and run on `threads` threads, the tokens of the rows in each range drawn from its own
+/// stream.
 #[allow(clippy::too_many_arguments)]
-fn generate_with<B: Backend>(
+fn generate_with<B: FusedOps>(
     model: &Qwen2<B>,
-    weights: Option<DecodeWeights>,
+    engine: Option<HostEngine>,
     threads: usize,
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
@@ -107,7 +109,10 @@ fn generate_with<B: Backend>(
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
     let vocab = model.vocab_size();
     let (mut last, cache) = prefill(model, b, width, ids, mask, threads);
-    let mut cache = cache.with_decode_weights(weights).with_threads(threads);
+    let mut decoder: Box<dyn Decoder + '_> = match engine {
+        Some(engine) => Box::new(engine.decoder(cache, b, threads)),
+        None => Box::new(BurnDecoder { model, cache }),
+    };
 
     let mut out: Vec<Rollout> = (0..b).map(|_| Rollout { tokens: vec![], logprobs: vec![], truncated: false }).collect();
     let mut done = vec![false; b];
@@ -136,7 +141,7 @@ fn generate_with<B: Backend>(
             *p += 1;
         }
         let inputs = Inputs::step(step_ids, positions, key_mask.concat());
-        last = last_logits(model.forward(&inputs, Some(&mut cache)), vocab);
+        last = decoder.step(&inputs);
     }
     for (r, d) in out.iter_mut().zip(&done) {
         r.truncated = !d;
@@ -148,7 +153,7 @@ fn generate_with<B: Backend>(
 /// every row `[b * vocab]` and the KV cache. With `threads > 1` the rows are cut into shards
 /// prefilled on their own threads (burn-flex runs element-wise ops on one thread) and the caches
 /// joined.
-fn prefill<B: Backend>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, mask: Vec<bool>, threads: usize) -> (Vec<f32>, KvCache<B>) {
+fn prefill<B: FusedOps>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, mask: Vec<bool>, threads: usize) -> (Vec<f32>, KvCache<B>) {
     let vocab = model.vocab_size();
     let run = |m: &Qwen2<B>, rows: Range<usize>| {
         let mut cache = KvCache::new(m.num_layers());
@@ -164,11 +169,11 @@ fn prefill<B: Backend>(model: &Qwen2<B>, b: usize, width: usize, ids: Vec<i64>, 
 }
 
 /// [`generate`] with the batch cut into `threads` shards, each drawn from its own ChaCha
-/// stream seeded from `rng` and decoded on its own thread — or, on the host engine
-/// ([`Qwen2::decode_weights`]), prefilled on its own thread and then decoded with the others as
+/// stream seeded from `rng` and decoded on its own thread — or, on the CPU engine
+/// ([`HostEngine`]), prefilled on its own thread and then decoded with the others as
 /// one batch split between `threads` threads, which draws the same tokens. Reproducible for a
 /// given `threads`, and equal to [`generate`] (same stream) when `threads` is 1.
-pub fn generate_sharded<B: Backend>(
+pub fn generate_sharded<B: FusedOps>(
     model: &Qwen2<B>,
     prompts: &[Vec<u32>],
     cfg: &SamplingConfig,
@@ -181,14 +186,14 @@ pub fn generate_sharded<B: Backend>(
         return generate(model, prompts, cfg, eos, pad, rng);
     }
     let shards: Vec<_> = crate::parallel::split_even(prompts.len(), threads).into_iter().map(|r| (r, rng.random::<u64>())).collect();
-    let weights = model.decode_weights();
-    if weights.is_some() {
+    let engine = HostEngine::new(model);
+    if engine.is_some() {
         // Decoding on the host splits each step between `threads` threads itself, reading each
         // weight once per step for the whole batch: one batch, each shard's rows drawn from the
         // shard's own stream (the tokens of decoding the shards on their own threads).
         let mut rngs: Vec<ChaCha8Rng> = shards.iter().map(|(_, seed)| ChaCha8Rng::seed_from_u64(*seed)).collect();
         let mut streams: Vec<_> = shards.iter().map(|(r, _)| r.clone()).zip(rngs.iter_mut()).collect();
-        return generate_with(model, weights, threads, prompts, cfg, eos, pad, &mut streams);
+        return generate_with(model, engine, threads, prompts, cfg, eos, pad, &mut streams);
     }
     let decode = |m: &Qwen2<B>, (range, seed): (Range<usize>, u64)| {
         let len = range.len();
@@ -199,7 +204,7 @@ pub fn generate_sharded<B: Backend>(
 
 /// `f(model, shard)` for each shard on its own thread (each with its own copy of the model
 /// handle), results in shard order; a panic on a thread is raised here.
-fn on_threads<B: Backend, S: Send, T: Send>(model: &Qwen2<B>, shards: Vec<S>, f: impl Fn(&Qwen2<B>, S) -> T + Sync) -> Vec<T> {
+fn on_threads<B: FusedOps, S: Send, T: Send>(model: &Qwen2<B>, shards: Vec<S>, f: impl Fn(&Qwen2<B>, S) -> T + Sync) -> Vec<T> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = shards
             .into_iter()
@@ -213,7 +218,7 @@ fn on_threads<B: Backend, S: Send, T: Send>(model: &Qwen2<B>, shards: Vec<S>, f:
 }
 
 /// Logits of the last position of every row, on the host: `[batch, T, V]` → `[batch * V]`.
-fn last_logits<B: Backend>(logits: burn::tensor::Tensor<B, 3>, vocab: usize) -> Vec<f32> {
+fn last_logits<B: FusedOps>(logits: burn::tensor::Tensor<B, 3>, vocab: usize) -> Vec<f32> {
     let [b, t, _] = logits.dims();
     let last = logits.slice([0..b, t - 1..t, 0..vocab]);
     last.into_data().convert::<f32>().to_vec::<f32>().expect("f32 logits")

@@ -12,9 +12,9 @@ pub mod plan;
 pub mod rl;
 pub mod sft;
 
+use t1_model::FusedOps;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use t1_data::{ChatTokenizer, Problem};
@@ -49,7 +49,7 @@ impl TrainError {
 /// `sampling` (greedy, or sampled from a fixed seed so that checkpoints are compared on the
 /// same stream), the grader (the RL reward's own function) marks correct. `batch` rows per
 /// generation call, each call cut into `threads` shards.
-pub fn eval_accuracy<B: Backend>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, batch: usize, threads: usize) -> f32 {
+pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, batch: usize, threads: usize) -> f32 {
     if problems.is_empty() {
         return 0.0;
     }

@@ -11,17 +11,17 @@
 //! the optimiser state in `master/` (an f32 Hugging Face directory), so a resumed run continues
 //! from the same f32 weights and is exact.
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use t1_model::{FusedAutodiff, FusedOps};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, MultiGradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor};
 use std::path::Path;
 
 use t1_data::ChatTokenizer;
 use t1_model::{Qwen2, Qwen2Config, WeightDtype};
 
-use crate::sft::{init_model, ModelSource, OptimConfig};
+use crate::common::{cast, init_model, param_ids, ModelSource, OptimConfig};
 use crate::TrainError;
 
 /// The checkpoint subdirectory that holds the f32 master weights.
@@ -42,7 +42,7 @@ pub fn uses_master_weights(optim: &OptimConfig, dtype: WeightDtype) -> Result<bo
 
 /// AdamW over a model whose weights may be a low-precision copy of f32 master weights.
 #[derive(Clone)]
-pub struct MasterWeights<B: AutodiffBackend> {
+pub struct MasterWeights<B: FusedAutodiff> {
     adamw: OptimizerAdaptor<AdamW, Qwen2<B>, B>,
     /// The f32 weights the optimiser steps (None: it steps the model itself).
     master: Option<Qwen2<B>>,
@@ -50,7 +50,7 @@ pub struct MasterWeights<B: AutodiffBackend> {
     compute: DType,
 }
 
-impl<B: AutodiffBackend> MasterWeights<B> {
+impl<B: FusedAutodiff> MasterWeights<B> {
     /// Plain AdamW on the model's own weights (f32, or pure bf16).
     pub fn plain(cfg: &OptimConfig) -> Self {
         Self { adamw: cfg.adamw().init::<B, Qwen2<B>>(), master: None, compute: DType::F32 }
@@ -84,7 +84,7 @@ impl<B: AutodiffBackend> MasterWeights<B> {
     }
 }
 
-impl<B: AutodiffBackend> Optimizer<Qwen2<B>, B> for MasterWeights<B> {
+impl<B: FusedAutodiff> Optimizer<Qwen2<B>, B> for MasterWeights<B> {
     type Record = <OptimizerAdaptor<AdamW, Qwen2<B>, B> as Optimizer<Qwen2<B>, B>>::Record;
 
     fn step(&mut self, lr: f64, module: Qwen2<B>, grads: GradientsParams) -> Qwen2<B> {
@@ -119,29 +119,11 @@ impl<B: AutodiffBackend> Optimizer<Qwen2<B>, B> for MasterWeights<B> {
     }
 }
 
-/// The model with every float parameter cast to `dtype` (ids kept).
-pub fn cast<B: Backend>(model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
-    struct Cast(DType);
-    impl<B: Backend> ModuleMapper<B> for Cast {
-        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (id, t, m) = p.consume();
-            let t = match (t.dtype() == self.0, t.is_require_grad()) {
-                (true, _) => t,
-                // a trained parameter stays a graph leaf
-                (false, true) => t.cast(self.0).detach().require_grad(),
-                (false, false) => t.cast(self.0),
-            };
-            Param::from_mapped_value(id, t, m)
-        }
-    }
-    model.map(&mut Cast(dtype))
-}
-
 /// An autodiff model to train from inner weights: every float parameter a leaf that requires
 /// gradients (`from_inner` alone keeps the flag of the inner module, which a cast has lost).
-pub fn leaf<B: AutodiffBackend>(inner: Qwen2<B::InnerBackend>) -> Qwen2<B> {
+pub fn leaf<B: FusedAutodiff>(inner: Qwen2<B::InnerBackend>) -> Qwen2<B> {
     struct RequireGrad;
-    impl<B: AutodiffBackend> ModuleMapper<B> for RequireGrad {
+    impl<B: FusedAutodiff> ModuleMapper<B> for RequireGrad {
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, t, m) = p.consume();
             Param::from_mapped_value(id, t.require_grad(), m)
@@ -150,23 +132,10 @@ pub fn leaf<B: AutodiffBackend>(inner: Qwen2<B::InnerBackend>) -> Qwen2<B> {
     Qwen2::<B>::from_inner(inner).map(&mut RequireGrad)
 }
 
-/// The ids and ranks of a model's float parameters.
-pub(crate) fn param_ids<B: Backend, M: Module<B>>(model: &M) -> Vec<(ParamId, usize)> {
-    struct Ids(Vec<(ParamId, usize)>);
-    impl<B: Backend> ModuleVisitor<B> for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push((param.id, D));
-        }
-    }
-    let mut ids = Ids(vec![]);
-    model.visit(&mut ids);
-    ids.0
-}
-
 /// The gradients with every tensor cast to `dtype` (one parameter at a time, so the peak is one
 /// parameter's copy).
-pub fn cast_grads<B: AutodiffBackend>(model: &Qwen2<B>, mut grads: GradientsParams, dtype: DType) -> GradientsParams {
-    fn one<B: Backend, const D: usize>(grads: &mut GradientsParams, id: ParamId, dtype: DType) {
+pub fn cast_grads<B: FusedAutodiff>(model: &Qwen2<B>, mut grads: GradientsParams, dtype: DType) -> GradientsParams {
+    fn one<B: FusedOps, const D: usize>(grads: &mut GradientsParams, id: ParamId, dtype: DType) {
         if let Some(g) = grads.remove::<B, D>(id) {
             let g = if g.dtype() == dtype { g } else { g.cast(dtype) };
             grads.register(id, g);
@@ -186,7 +155,7 @@ pub fn cast_grads<B: AutodiffBackend>(model: &Qwen2<B>, mut grads: GradientsPara
 /// The model to train (in `source.dtype`), its tokenizer and config, and its optimiser: with
 /// master weights, the f32 master is read from the checkpoint at full precision before the
 /// bf16 copy is made.
-pub fn init_trainable<B: AutodiffBackend>(
+pub fn init_trainable<B: FusedAutodiff>(
     source: &ModelSource,
     optim: &OptimConfig,
     tokenizer: &Path,
@@ -206,7 +175,7 @@ pub fn init_trainable<B: AutodiffBackend>(
 /// The weights to resume from checkpoint `dir`: its model, or with master weights its f32
 /// `master/` (a checkpoint without one, e.g. from a pure bf16 run, starts the master from its
 /// bf16 weights, with a warning).
-pub fn resume_weights<B: AutodiffBackend>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
+pub fn resume_weights<B: FusedAutodiff>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
     let dtype = parse_dtype(source)?;
     if optim.master.is_none() {
         return Ok(t1_model::load::<B>(dir, dtype, device)?.1);
@@ -235,7 +204,7 @@ mod tests {
 
     type Ad = Autodiff<Flex>;
 
-    fn weights<B: Backend>(m: &Qwen2<B>) -> Vec<f32> {
+    fn weights<B: FusedOps>(m: &Qwen2<B>) -> Vec<f32> {
         t1_model::hf::named_tensors(m).into_iter().flat_map(|(_, d)| d.convert::<f32>().to_vec::<f32>().unwrap()).collect()
     }
 
@@ -251,7 +220,7 @@ mod tests {
     /// The update is measured on the weights the run ends with (the master when it has one).
     fn update(dtype: WeightDtype, master: Option<bool>, steps: usize) -> Vec<f32> {
         let device = Default::default();
-        <Ad as Backend>::seed(&device, 7);
+        <Ad as burn::tensor::backend::Backend>::seed(&device, 7);
         let mut config = Qwen2Config::tiny(64, 64, 2, 4, 2);
         config.initializer_range = 0.08;
         let init: Qwen2<Ad> = Qwen2::init(&config, &device);
@@ -268,9 +237,17 @@ mod tests {
             .map(|r| TokenizedExample { ids: (0..24u32).map(|t| (r * 17 + t * 5 + t * t) % 64).collect(), loss_mask: vec![true; 24] })
             .collect();
         let batch = pad_batch(&examples.iter().collect::<Vec<_>>(), 0);
+        // SFT's loss: the mean NLL of the batch's targets
+        let (b, t) = (batch.batch, batch.len);
+        let inputs = t1_model::Inputs::new(b, t, batch.ids.clone(), batch.attention.clone());
+        let targets = Tensor::<Ad, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(batch.targets.clone(), [b, t]), &device);
+        let mask: Vec<f32> = batch.target_mask.iter().map(|&m| m as u8 as f32).collect();
+        let mask = Tensor::<Ad, 2>::from_data(burn::tensor::TensorData::new(mask, [b, t]), &device);
         for _ in 0..steps {
-            let (grads, loss) = crate::sft::step_grads(&model, vec![vec![batch.clone()]], Default::default());
-            assert!(loss.is_finite());
+            let logits = model.forward(&inputs, None).cast(DType::F32);
+            let loss = t1_algo::masked_mean(t1_algo::token_logprobs(logits, targets.clone()).neg(), mask.clone());
+            assert!(loss.clone().into_scalar().is_finite());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
             let (grads, _) = crate::common::clip_global_norm(&model, grads, cfg.grad_clip);
             model = optim.step(cfg.lr, model, grads);
         }

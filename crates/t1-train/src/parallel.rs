@@ -9,9 +9,9 @@
 //! batch loss (e.g. divide by the whole batch's token count); the summed gradients then equal
 //! the whole batch's up to float summation order, whatever the number of shards.
 
+use t1_model::FusedAutodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
 use t1_model::Qwen2;
 
 /// Sums the gradients `grads(model, shard)` computes over `shards`, one thread per shard (no
@@ -20,7 +20,7 @@ use t1_model::Qwen2;
 /// summed gradients, the summed loss values and the statistics in shard order.
 pub fn sharded_grads<B, S, E, F>(model: &Qwen2<B>, shards: Vec<S>, grads: F) -> (GradientsParams, f32, Vec<E>)
 where
-    B: AutodiffBackend,
+    B: FusedAutodiff,
     S: Send,
     E: Send,
     F: Fn(&Qwen2<B>, S) -> (GradientsParams, f32, E) + Sync,

@@ -31,7 +31,8 @@ use t1_model::{Qwen2Config, WeightDtype};
 
 use crate::checkpoint::ActivationCheckpointing;
 use crate::rl::RlConfig;
-use crate::sft::{ModelSource, OptimConfig, SftConfig};
+use crate::common::{ModelSource, OptimConfig};
+use crate::sft::SftConfig;
 use crate::TrainError;
 
 /// What a run does with the model, sized per optimiser micro-batch.
@@ -228,7 +229,7 @@ pub fn model_shape(source: &ModelSource, tokenizer: &Path) -> Result<Qwen2Config
     if source.checkpoint.as_os_str().is_empty() {
         let tok = if tokenizer.as_os_str().is_empty() { source.checkpoint.join(crate::common::TOKENIZER_FILE) } else { tokenizer.to_path_buf() };
         let tokenizer = t1_data::ChatTokenizer::from_file(&tok)?;
-        return crate::sft::scratch_config(&source.scratch, &tokenizer);
+        return crate::common::scratch_config(&source.scratch, &tokenizer);
     }
     Ok(Qwen2Config::from_file(&source.checkpoint.join(t1_model::hf::CONFIG_FILE))?)
 }

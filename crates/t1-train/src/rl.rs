@@ -14,12 +14,12 @@
 //!    per-sample KL can be centred leave-one-out ("on-policy KL normalisation") and put in the reward.
 //! 5. A penalty value replaces the reward of overlong, repetitive or garbled responses.
 
+use t1_model::{FusedAutodiff, FusedOps};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -31,9 +31,8 @@ use t1_data::{ChatTokenizer, OnBadLine, Problem};
 use t1_model::{Inputs, Qwen2, WeightDtype};
 use t1_reward::{GraderConfig, PenaltyConfig};
 
-use crate::common::{self, lr_at, Metrics, TrainerState};
+use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
 use crate::checkpoint::ActivationCheckpointing;
-use crate::sft::{scalar, ModelSource, OptimConfig};
 use crate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig, TrainError};
 
 /// `t1 rl` settings. Every field has a default; unknown keys are errors.
@@ -287,7 +286,7 @@ pub struct RlSummary {
 }
 
 /// Runs RL (or continues it with `resume`).
-pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<RlSummary, TrainError> {
+pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<RlSummary, TrainError> {
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
@@ -361,7 +360,7 @@ pub fn run_rl<B: AutodiffBackend>(cfg: &RlConfig, resolved: &str, resume: bool, 
         // 3. recompute old log-probs (gap metric) and the anchor's, then advantages
         let batch = RlBatch::new(&samples, tokenizer.pad_id());
         let old_logp = batch.logprobs(&inner, cfg.sampling.temperature);
-        let ref_logp = batch.logprobs(&crate::master::cast(reference.clone(), compute), cfg.sampling.temperature);
+        let ref_logp = batch.logprobs(&common::cast(reference.clone(), compute), cfg.sampling.temperature);
         let (gap_max, gap_mean) = batch.gap(&old_logp);
         let kl_tok = kl(tensor2::<B::InnerBackend>(&old_logp, batch.rows, batch.len, device), tensor2(&ref_logp, batch.rows, batch.len, device), cfg.loss.kl_estimator);
         let kl_tok = host(kl_tok);
@@ -455,7 +454,7 @@ struct GenStats {
 
 /// Samples K responses for each of `prompts_per_step` prompts and grades them, then
 /// [`gather_groups`] drops uniform groups (sampling more prompts) and keeps a subset.
-fn collect_samples<B: Backend>(
+fn collect_samples<B: FusedOps>(
     cfg: &RlConfig,
     model: &Qwen2<B>,
     tokenizer: &ChatTokenizer,
@@ -594,7 +593,7 @@ fn compute_advantages(cfg: &RlConfig, samples: &[Sample], kl_seq: &[f32]) -> Vec
 /// The anchor after RL step `step` (counted from 1): T1's EMA θ_ref ← β·θ_ref + (1−β)·θ every
 /// `every` steps, a reset to the policy every `every` steps, or frozen. A step whose update was
 /// skipped as non-finite leaves the anchor where it was.
-fn advance_anchor<B: Backend, M: burn::module::Module<B>>(anchor: Anchor, reference: M, policy: &M, step: usize, skipped: bool) -> M {
+fn advance_anchor<B: FusedOps, M: burn::module::Module<B>>(anchor: Anchor, reference: M, policy: &M, step: usize, skipped: bool) -> M {
     match anchor {
         _ if skipped => reference,
         Anchor::Frozen => reference,
@@ -619,7 +618,7 @@ struct UpdateStats {
 /// `loss.epochs` passes over the rollout batch in `loss.minibatches` shuffled minibatches, one
 /// clipped optimiser step each; a minibatch whose loss or gradient norm is not finite is skipped.
 #[allow(clippy::too_many_arguments)]
-fn update_policy<B: AutodiffBackend, O: Optimizer<Qwen2<B>, B>>(
+fn update_policy<B: FusedAutodiff, O: Optimizer<Qwen2<B>, B>>(
     cfg: &RlConfig,
     mut policy: Qwen2<B>,
     optim: &mut O,
@@ -718,7 +717,7 @@ impl RlBatch {
     }
 
     /// log π(target) under logits / T for every position, `[rows * len]`, without gradients.
-    fn logprobs<B: Backend>(&self, model: &Qwen2<B>, temperature: f32) -> Vec<f32> {
+    fn logprobs<B: FusedOps>(&self, model: &Qwen2<B>, temperature: f32) -> Vec<f32> {
         let device = model.device();
         let mut out = Vec::with_capacity(self.rows * self.len);
         let all: Vec<usize> = (0..self.rows).collect();
@@ -754,7 +753,7 @@ impl RlBatch {
 /// `mask_v` their `[rows, len]` targets and response mask), its clip fraction and mean
 /// entropy, each normalised by `norm` (the whole minibatch's), so that shards add up.
 #[allow(clippy::too_many_arguments)]
-fn minibatch_loss<B: AutodiffBackend>(
+fn minibatch_loss<B: FusedAutodiff>(
     cfg: &RlConfig,
     logits: Tensor<B, 3>,
     targets: Vec<i64>,
@@ -790,11 +789,11 @@ fn minibatch_loss<B: AutodiffBackend>(
     (loss, clip_frac, scalar(entropy.detach()))
 }
 
-fn tensor2<B: Backend>(v: &[f32], rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2> {
+fn tensor2<B: FusedOps>(v: &[f32], rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(v.to_vec(), [rows, len]), device)
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+fn host<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
 }
 
@@ -961,7 +960,7 @@ mod tests {
         }
     }
 
-    fn tiny_model<B: Backend>(seed: u64) -> Qwen2<B> {
+    fn tiny_model<B: FusedOps>(seed: u64) -> Qwen2<B> {
         let device = Default::default();
         B::seed(&device, seed);
         let mut config = Qwen2Config::tiny(32, 16, 1, 2, 1);
@@ -969,7 +968,7 @@ mod tests {
         Qwen2::init(&config, &device)
     }
 
-    fn weights<B: Backend>(m: &Qwen2<B>) -> Vec<f32> {
+    fn weights<B: FusedOps>(m: &Qwen2<B>) -> Vec<f32> {
         t1_model::hf::named_tensors(m).into_iter().flat_map(|(_, d)| d.convert::<f32>().to_vec::<f32>().unwrap()).collect()
     }
 
@@ -995,7 +994,7 @@ mod tests {
     }
 
     /// Summed log-probs of each sample's response under `policy`.
-    fn response_logprobs<B: Backend>(cfg: &RlConfig, policy: &Qwen2<B>, batch: &RlBatch) -> Vec<f32> {
+    fn response_logprobs<B: FusedOps>(cfg: &RlConfig, policy: &Qwen2<B>, batch: &RlBatch) -> Vec<f32> {
         let lp = batch.logprobs(policy, cfg.sampling.temperature);
         (0..batch.rows).map(|r| batch.masked_row_sum(&lp, r)).collect()
     }

@@ -4,12 +4,12 @@
 //! → gradient accumulation → global-norm clipping → AdamW with warmup + cosine → periodic
 //! held-out loss and answer accuracy → checkpoints that `--resume` continues exactly.
 
+use t1_model::{FusedAutodiff, FusedOps};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use t1_algo::{masked_mean, token_logprobs};
 use t1_data::{pad_batch, ChatTokenizer, OnBadLine, Problem, SftBatch, TokenizedExample};
-use t1_model::{Inputs, Qwen2, Qwen2Config, WeightDtype};
+use t1_model::{Inputs, Qwen2, WeightDtype};
 
 use crate::checkpoint::ActivationCheckpointing;
-use crate::common::{self, lr_at, Metrics, TrainerState};
+use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
 use crate::{eval_accuracy, SamplingConfig, TrainError};
 
 /// `t1 sft` settings. Every field has a default; unknown keys are errors.
@@ -34,32 +34,6 @@ pub struct SftConfig {
     pub data: SftData,
     pub optim: OptimConfig,
     pub train: SftTrain,
-}
-
-/// Where the initial weights come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelSource {
-    /// A Hugging Face checkpoint directory; empty = random init from `[model.scratch]`.
-    pub checkpoint: PathBuf,
-    /// f32, or bf16 on flex/cuda.
-    pub dtype: String,
-    pub scratch: ScratchModel,
-}
-
-/// A Qwen2 architecture for training from scratch (vocab_size comes from the tokenizer).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScratchModel {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub tie_word_embeddings: bool,
-    pub rope_theta: f64,
-    pub max_position_embeddings: usize,
-    pub initializer_range: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,26 +51,6 @@ pub struct SftData {
     pub max_len: usize,
     /// Skip and count malformed JSONL lines instead of failing.
     pub skip_bad_lines: bool,
-}
-
-/// AdamW with warmup + cosine decay and global-norm clipping.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OptimConfig {
-    pub lr: f64,
-    /// The cosine decays to lr * min_lr_ratio.
-    pub min_lr_ratio: f64,
-    pub warmup_steps: usize,
-    pub weight_decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// Global L2 norm clip of the gradients (0 = off).
-    pub grad_clip: f32,
-    /// Keep f32 master weights and f32 AdamW moments while forward and backward run in the
-    /// model's bf16 (PyTorch AMP style). Unset = on for bf16; false = pure bf16, whose updates
-    /// round away at small learning rates. An error with f32 weights.
-    pub master_weights: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,28 +97,6 @@ impl Default for SftConfig {
     }
 }
 
-impl Default for ModelSource {
-    fn default() -> Self {
-        Self { checkpoint: PathBuf::new(), dtype: "f32".into(), scratch: ScratchModel::default() }
-    }
-}
-
-impl Default for ScratchModel {
-    fn default() -> Self {
-        Self {
-            hidden_size: 128,
-            intermediate_size: 384,
-            num_hidden_layers: 4,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            tie_word_embeddings: true,
-            rope_theta: 10000.0,
-            max_position_embeddings: 1024,
-            initializer_range: 0.02,
-        }
-    }
-}
-
 impl Default for SftData {
     fn default() -> Self {
         Self {
@@ -175,12 +107,6 @@ impl Default for SftData {
             max_len: 512,
             skip_bad_lines: false,
         }
-    }
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self { lr: 1e-5, min_lr_ratio: 0.0, warmup_steps: 0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, grad_clip: 1.0, master_weights: None }
     }
 }
 
@@ -201,13 +127,6 @@ impl Default for SftTrain {
             max_bad_steps: 5,
             activation_checkpointing: ActivationCheckpointing::None,
         }
-    }
-}
-
-impl OptimConfig {
-    /// burn's AdamW with these moments, epsilon and (decoupled) weight decay.
-    pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig::new().with_beta_1(self.beta1).with_beta_2(self.beta2).with_epsilon(self.eps).with_weight_decay(self.weight_decay)
     }
 }
 
@@ -246,48 +165,6 @@ pub struct SftSummary {
     pub final_dir: PathBuf,
 }
 
-/// The model, tokenizer and its config, from a checkpoint or from scratch.
-pub fn init_model<B: Backend>(
-    source: &ModelSource,
-    tokenizer_path: &Path,
-    device: &B::Device,
-) -> Result<(Qwen2Config, Qwen2<B>, ChatTokenizer), TrainError> {
-    let dtype = WeightDtype::parse(&source.dtype).unwrap_or(WeightDtype::F32);
-    let tok_path = if tokenizer_path.as_os_str().is_empty() {
-        source.checkpoint.join(common::TOKENIZER_FILE)
-    } else {
-        tokenizer_path.to_path_buf()
-    };
-    let tokenizer = ChatTokenizer::from_file(&tok_path)?;
-    if source.checkpoint.as_os_str().is_empty() {
-        let config = scratch_config(&source.scratch, &tokenizer)?;
-        let model = Qwen2::init(&config, device);
-        let model = crate::master::cast(model, dtype.burn());
-        Ok((config, model, tokenizer))
-    } else {
-        let (config, model) = t1_model::load(&source.checkpoint, dtype, device)?;
-        tokenizer.check_model_vocab(config.vocab_size).map_err(|e| TrainError::Checkpoint {
-            path: source.checkpoint.clone(),
-            message: format!("{} does not fit it: {e}", tok_path.display()),
-        })?;
-        Ok((config, model, tokenizer))
-    }
-}
-
-/// The architecture `[model.scratch]` describes, with the tokenizer's vocabulary and EOS.
-pub fn scratch_config(s: &ScratchModel, tokenizer: &ChatTokenizer) -> Result<Qwen2Config, TrainError> {
-    let mut config = Qwen2Config::tiny(tokenizer.vocab_size(), s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads);
-    config.intermediate_size = s.intermediate_size;
-    config.tie_word_embeddings = s.tie_word_embeddings;
-    config.rope_theta = Some(s.rope_theta);
-    config.max_position_embeddings = s.max_position_embeddings;
-    config.initializer_range = s.initializer_range;
-    config.eos_token_id = Some(tokenizer.eos_id().into());
-    config.bos_token_id = None;
-    config.validate().map_err(|m| TrainError::Config { origin: "[model.scratch]".into(), message: m })?;
-    Ok(config)
-}
-
 /// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
 /// whose prompt leaves no answer token within `max_len` is an error naming its line (skipped
 /// and counted with `skip`).
@@ -323,7 +200,7 @@ pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip
 }
 
 /// Tensors of a padded batch: model inputs, targets `[B, T]` and the loss mask `[B, T]`.
-pub fn batch_tensors<B: Backend>(batch: &SftBatch, device: &B::Device) -> (Inputs, Tensor<B, 2, Int>, Tensor<B, 2>) {
+pub fn batch_tensors<B: FusedOps>(batch: &SftBatch, device: &B::Device) -> (Inputs, Tensor<B, 2, Int>, Tensor<B, 2>) {
     let (b, t) = (batch.batch, batch.len);
     let inputs = Inputs::new(b, t, batch.ids.clone(), batch.attention.clone());
     let targets = Tensor::from_data(TensorData::new(batch.targets.clone(), [b, t]), device);
@@ -333,7 +210,7 @@ pub fn batch_tensors<B: Backend>(batch: &SftBatch, device: &B::Device) -> (Input
 }
 
 /// Mean next-token NLL over the loss tokens of a batch. Returns `[1]`.
-pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
+pub fn sft_loss<B: FusedOps>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
     let device = model.device();
     let (inputs, targets, mask) = batch_tensors::<B>(batch, &device);
     let logits = model.forward(&inputs, None);
@@ -342,19 +219,19 @@ pub fn sft_loss<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> 
 
 /// Summed next-token NLL over the loss tokens of a batch (divide by the step's loss-token
 /// count for the mean). Returns `[1]`.
-pub fn sft_nll_sum<B: Backend>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
+pub fn sft_nll_sum<B: FusedOps>(model: &Qwen2<B>, batch: &SftBatch) -> Tensor<B, 1> {
     let device = model.device();
     let (inputs, targets, mask) = batch_tensors::<B>(batch, &device);
     nll_sum_of_logits(model.forward(&inputs, None), targets, mask)
 }
 
 /// Summed NLL of `targets` under `logits`, over the positions `mask` marks.
-fn nll_sum_of_logits<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+fn nll_sum_of_logits<B: FusedOps>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
     (token_logprobs(logits.cast(burn::tensor::DType::F32), targets).neg() * mask).sum()
 }
 
 /// Gradients of a batch's summed NLL divided by `loss_tokens`, and that value.
-pub fn batch_grads<B: AutodiffBackend>(model: &Qwen2<B>, batch: &SftBatch, loss_tokens: f32, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
+pub fn batch_grads<B: FusedAutodiff>(model: &Qwen2<B>, batch: &SftBatch, loss_tokens: f32, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
     let (inputs, targets, mask) = batch_tensors::<B>(batch, &model.device());
     let (grads, value, ()) = crate::checkpoint::loss_grads(model, &inputs, mode, |logits| (nll_sum_of_logits(logits, targets, mask).div_scalar(loss_tokens), ()));
     (grads, value)
@@ -364,7 +241,7 @@ pub fn batch_grads<B: AutodiffBackend>(model: &Qwen2<B>, batch: &SftBatch, loss_
 /// `micro[i][j]` is shard `j` (its own thread) of micro-batch `i`. Each shard's summed NLL is
 /// divided by the whole step's loss-token count, so the shards and micro-batches add up to
 /// the gradient of the unsplit batch's mean, up to float summation order.
-pub fn step_grads<B: AutodiffBackend>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>>, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
+pub fn step_grads<B: FusedAutodiff>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>>, mode: ActivationCheckpointing) -> (GradientsParams, f32) {
     let loss_tokens = micro.iter().flatten().map(|b| b.target_mask.iter().filter(|&&m| m).count()).sum::<usize>().max(1) as f32;
     let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
     let mut step_loss = 0.0f32;
@@ -380,7 +257,7 @@ pub fn step_grads<B: AutodiffBackend>(model: &Qwen2<B>, micro: Vec<Vec<SftBatch>
 }
 
 /// Runs SFT (or continues it with `resume`) and returns its summary.
-pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
+pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, device: &B::Device) -> Result<SftSummary, TrainError> {
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
@@ -521,7 +398,7 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 /// Token-weighted mean NLL over a held-out set.
-pub fn eval_loss_of<B: Backend>(model: &Qwen2<B>, examples: &[TokenizedExample], batch_size: usize, pad: u32) -> f32 {
+pub fn eval_loss_of<B: FusedOps>(model: &Qwen2<B>, examples: &[TokenizedExample], batch_size: usize, pad: u32) -> f32 {
     let (mut total, mut tokens) = (0.0f64, 0.0f64);
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
@@ -533,6 +410,3 @@ pub fn eval_loss_of<B: Backend>(model: &Qwen2<B>, examples: &[TokenizedExample],
     (total / tokens.max(1.0)) as f32
 }
 
-pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f32 {
-    t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
-}

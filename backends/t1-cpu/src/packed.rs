@@ -12,8 +12,9 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::team::Team;
+use t1_ops::kernels::available;
 
+use crate::team::Team;
 
 /// Output columns per panel: two AVX-512 registers.
 const NT: usize = 32;
@@ -103,14 +104,14 @@ impl PackedLinear {
         Self::from_blocks(&ws, k, n, bias, bf16)
     }
 
-    /// `x` `[m, k]` (row-major) → `[m, n]`. Only on a CPU with AVX-512 ([`available`]).
+    /// `x` `[m, k]` (row-major) → `[m, n]`. Only on a CPU with AVX-512 ([`t1_ops::kernels::available`]).
     #[cfg(test)]
     pub(crate) fn apply(&self, x: &[f32], m: usize) -> Vec<f32> {
         self.apply_split(x, m, &Team::new(1))
     }
 
     /// `x` `[m, k]` → `[m, n]` with the column panels split between the threads of `team`:
-    /// each weight is read once for all `m` rows. Only on a CPU with AVX-512 ([`available`]).
+    /// each weight is read once for all `m` rows. Only on a CPU with AVX-512 ([`t1_ops::kernels::available`]).
     pub(crate) fn apply_split(&self, x: &[f32], m: usize, team: &Team) -> Vec<f32> {
         let n = self.n;
         assert_eq!(x.len(), m * self.k, "input of {} values is not [{m}, {}]", x.len(), self.k);
@@ -176,18 +177,6 @@ struct Out(*mut f32);
 unsafe impl Sync for Out {}
 unsafe impl Send for Out {}
 
-/// Whether this CPU runs the packed projections (x86-64 with AVX-512F); elsewhere decoding
-/// keeps using gemm.
-pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -291,7 +280,7 @@ mod tests {
                 let want = naive(&x, m, k, if bf16 { &w16 } else { &w }, n, b.as_deref());
                 let packed = PackedLinear::new(if bf16 { &w16 } else { &w }, k, n, b, bf16);
                 let one = packed.apply(&x, m);
-                let err = crate::compare::max_abs_diff(&one, &want);
+                let err = t1_model::compare::max_abs_diff(&one, &want);
                 assert!(err < 1e-5 * (k as f32).sqrt().max(1.0), "m={m} k={k} n={n}: max error {err}");
                 // columns split between threads: the same sums, bit for bit
                 for threads in [2, 3] {

@@ -1,13 +1,24 @@
-//! Element-wise and row kernels on `f32` slices, shared by the host decoding engine
-//! (`decode.rs`) and the fused burn-flex operations (`fused.rs`).
+//! Element-wise and row kernels on `f32` slices, shared by the fused burn-flex operations
+//! (`flex.rs`) and the host decoding engine (the `t1-cpu` crate).
 //!
 //! Each works on any x86-64 or other CPU; the exponential uses AVX-512 where the CPU has it.
 
-use crate::packed::available;
+/// Whether this CPU has AVX-512F (x86-64 only): the vector `exp` here and the host decoding
+/// engine's packed projections use it; elsewhere they fall back to libm and gemm.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Dot product with 16 independent partial sums (vectorised by LLVM), summed pairwise.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
@@ -20,7 +31,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Sum with 16 independent partial sums, summed pairwise.
-pub(crate) fn sum(x: &[f32]) -> f32 {
+pub fn sum(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let chunks = x.chunks_exact(16);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -33,7 +44,7 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
 }
 
 /// Largest value (−∞ for an empty slice; NaN is skipped as by `f32::max`).
-pub(crate) fn max(x: &[f32]) -> f32 {
+pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -59,7 +70,7 @@ fn pairwise(mut acc: [f32; 16]) -> f32 {
 }
 
 /// `x = exp(x)` for every element: AVX-512 where the CPU has it, libm elsewhere.
-pub(crate) fn exp(x: &mut [f32]) {
+pub fn exp(x: &mut [f32]) {
     if available() {
         // SAFETY: the CPU has AVX-512 (checked at run time).
         unsafe { exp_in_place(x) }
@@ -73,7 +84,7 @@ pub(crate) fn exp(x: &mut [f32]) {
 /// 0 below −87.3 where libm gives denormals), the tail with libm, which works one value at a
 /// time.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
-pub(crate) unsafe fn exp_in_place(x: &mut [f32]) {
+pub unsafe fn exp_in_place(x: &mut [f32]) {
     let mut chunks = x.chunks_exact_mut(16);
     #[cfg(target_arch = "x86_64")]
     for c in &mut chunks {
@@ -102,7 +113,7 @@ pub(crate) unsafe fn exp_in_place(x: &mut [f32]) {
 const CHUNK: usize = 1024;
 
 /// `out = silu(gate) * up = gate * σ(gate) * up`, element-wise.
-pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((g, u), o) in gate.chunks(CHUNK).zip(up.chunks(CHUNK)).zip(out.chunks_mut(CHUNK)) {
         // o = exp(-g), then g / (1 + exp(-g)) * u; exp(-g) = inf for g < -88.7 gives -0
         o.iter_mut().zip(g).for_each(|(o, g)| *o = -g);
@@ -113,7 +124,7 @@ pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// Gradients of [`swiglu_into`]: with `s = σ(g)`, `d_gate = d_out · up · s · (1 + g · (1 − s))`
 /// and `d_up = d_out · g · s`.
-pub(crate) fn swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
+pub fn swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32], d_gate: &mut [f32], d_up: &mut [f32]) {
     let chunks = gate.chunks(CHUNK).zip(up.chunks(CHUNK)).zip(d_out.chunks(CHUNK));
     for (((g, u), dy), (dg, du)) in chunks.zip(d_gate.chunks_mut(CHUNK).zip(d_up.chunks_mut(CHUNK))) {
         dg.iter_mut().zip(g).for_each(|(e, g)| *e = -g);
@@ -128,7 +139,7 @@ pub(crate) fn swiglu_backward(gate: &[f32], up: &[f32], d_out: &[f32], d_gate: &
 }
 
 /// Softmax of each row of `scores + bias` (rows of `bias.len()` values), into `out`.
-pub(crate) fn softmax_biased(scores: &[f32], bias: &[f32], out: &mut [f32]) {
+pub fn softmax_biased(scores: &[f32], bias: &[f32], out: &mut [f32]) {
     for (o, x) in out.chunks_exact_mut(bias.len()).zip(scores.chunks_exact(bias.len())) {
         o.iter_mut().zip(x.iter().zip(bias)).for_each(|(o, (x, b))| *o = x + b);
         let m = max(o);
@@ -141,7 +152,7 @@ pub(crate) fn softmax_biased(scores: &[f32], bias: &[f32], out: &mut [f32]) {
 
 /// Gradient of a row-wise softmax with output `probs`: `d_x = p · (d_p − Σ d_p · p)` per row of
 /// `len` values.
-pub(crate) fn softmax_backward(probs: &[f32], d_probs: &[f32], d_x: &mut [f32], len: usize) {
+pub fn softmax_backward(probs: &[f32], d_probs: &[f32], d_x: &mut [f32], len: usize) {
     for ((p, g), dx) in probs.chunks_exact(len).zip(d_probs.chunks_exact(len)).zip(d_x.chunks_exact_mut(len)) {
         let inner = dot(p, g);
         dx.iter_mut().zip(p.iter().zip(g)).for_each(|(dx, (p, g))| *dx = p * (g - inner));
@@ -149,7 +160,7 @@ pub(crate) fn softmax_backward(probs: &[f32], d_probs: &[f32], d_x: &mut [f32], 
 }
 
 /// Log-softmax of each row of `len` values: `out = x − max − ln Σ exp(x − max)`.
-pub(crate) fn log_softmax_rows(x: &[f32], out: &mut [f32], len: usize) {
+pub fn log_softmax_rows(x: &[f32], out: &mut [f32], len: usize) {
     let mut buf = vec![0.0f32; len];
     for (o, x) in out.chunks_exact_mut(len).zip(x.chunks_exact(len)) {
         let m = max(x);
@@ -162,7 +173,7 @@ pub(crate) fn log_softmax_rows(x: &[f32], out: &mut [f32], len: usize) {
 }
 
 /// Gradient of [`log_softmax_rows`] with output `logp`: `d_x = d_y − exp(logp) · Σ d_y` per row.
-pub(crate) fn log_softmax_backward(logp: &[f32], d_y: &[f32], d_x: &mut [f32], len: usize) {
+pub fn log_softmax_backward(logp: &[f32], d_y: &[f32], d_x: &mut [f32], len: usize) {
     for ((lp, g), dx) in logp.chunks_exact(len).zip(d_y.chunks_exact(len)).zip(d_x.chunks_exact_mut(len)) {
         let total = sum(g);
         dx.copy_from_slice(lp);
@@ -174,7 +185,7 @@ pub(crate) fn log_softmax_backward(logp: &[f32], d_y: &[f32], d_x: &mut [f32], l
 /// Rotate-half RoPE of `x` `[b, t, n, d]` with `cos`/`sin` tables of the same shape,
 /// written to `out` as `[b, n, t, d]` (heads first, as attention reads them):
 /// `y = x · cos + rotate_half(x) · sin`, `rotate_half([x1, x2]) = [−x2, x1]`.
-pub(crate) fn rope_to_heads(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], [_, t, n, d]: [usize; 4]) {
+pub fn rope_to_heads(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], [_, t, n, d]: [usize; 4]) {
     let half = d / 2;
     for (row, ((x, c), s)) in x.chunks_exact(d).zip(cos.chunks_exact(d)).zip(sin.chunks_exact(d)).enumerate() {
         let (bi, ti, ni) = (row / (t * n), (row / n) % t, row % n);
@@ -190,7 +201,7 @@ pub(crate) fn rope_to_heads(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]
 
 /// Gradient of [`rope_to_heads`]: `d_y` `[b, n, t, d]` → `d_x` `[b, t, n, d]`, the transposed
 /// rotation: `d_x1 = d_y1 · cos1 + d_y2 · sin2`, `d_x2 = d_y2 · cos2 − d_y1 · sin1`.
-pub(crate) fn rope_to_heads_backward(d_y: &[f32], cos: &[f32], sin: &[f32], d_x: &mut [f32], [_, t, n, d]: [usize; 4]) {
+pub fn rope_to_heads_backward(d_y: &[f32], cos: &[f32], sin: &[f32], d_x: &mut [f32], [_, t, n, d]: [usize; 4]) {
     let half = d / 2;
     for (row, ((dx, c), s)) in d_x.chunks_exact_mut(d).zip(cos.chunks_exact(d)).zip(sin.chunks_exact(d)).enumerate() {
         let (bi, ti, ni) = (row / (t * n), (row / n) % t, row % n);
@@ -206,7 +217,7 @@ pub(crate) fn rope_to_heads_backward(d_y: &[f32], cos: &[f32], sin: &[f32], d_x:
 
 /// RMSNorm of each row of `gamma.len()` values: `y = x · r · gamma` with
 /// `r = 1 / sqrt(mean(x²) + eps)`, as burn's `RmsNorm` (which divides by `1 / r`).
-pub(crate) fn rms_norm_into(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+pub fn rms_norm_into(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
     let n = gamma.len();
     for (y, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
         let r = inv_rms(x, eps);
@@ -220,7 +231,7 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 
 /// Gradients of [`rms_norm_into`]: per row, `d_x = r · (d_y · gamma − x · r² · mean(d_y · gamma · x))`;
 /// `d_gamma = Σ_rows d_y · x · r` (added to `d_gamma`).
-pub(crate) fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, d_y: &[f32], d_x: &mut [f32], d_gamma: &mut [f32]) {
+pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, d_y: &[f32], d_x: &mut [f32], d_gamma: &mut [f32]) {
     let n = gamma.len();
     for ((x, dy), dx) in x.chunks_exact(n).zip(d_y.chunks_exact(n)).zip(d_x.chunks_exact_mut(n)) {
         let r = inv_rms(x, eps);

@@ -2,15 +2,15 @@
 //! `f32` slices, with the keys and values of earlier tokens kept in host buffers that grow by
 //! doubling.
 //!
-//! The same arithmetic as [`crate::Qwen2::forward`] (RMSNorm → q/k/v with bias → rotate-half
+//! The same arithmetic as [`Qwen2::forward`] (RMSNorm → q/k/v with bias → rotate-half
 //! RoPE → grouped-query attention → o_proj → residual → RMSNorm → SwiGLU → residual, final
 //! RMSNorm, lm_head), for `len = 1`, with the projections through the packed kernel
 //! (`packed.rs`) and the work split between the threads of a [`Team`]. Done on the host
 //! because a decoding step is small: through burn tensors each step re-copied the whole KV
 //! cache (`Tensor::cat`; burn-flex's `slice_assign` copies the tensor too), so the cost per
 //! token grew with the sequence, and each of a dozen small tensor ops per layer allocated and
-//! passed over its data. Used only where [`crate::Qwen2::decode_weights`] gives weights
-//! (burn-flex, f32 or bf16, AVX-512); tested against the full forward pass.
+//! passed over its data. Used only where [`HostEngine::new`] gives an engine (burn-flex, f32
+//! or bf16, AVX-512); tested against the full forward pass.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -18,38 +18,36 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use crate::model::{rope_angles, Inputs, MASKED};
-use crate::kernels::{self, exp_in_place, rms_norm_into, swiglu_into};
-use crate::packed::{available, host, PackedLayer, PackedLinear};
+use t1_model::{rope_angles, Decoder, Inputs, KvCache, Qwen2, MASKED};
+use t1_ops::kernels::{self, available, exp_in_place, rms_norm_into, swiglu_into};
+
+use crate::packed::{host, PackedLayer, PackedLinear};
 use crate::team::Team;
 
 /// A model's weights copied to the host for decoding on the CPU: the projections packed for
-/// the few-row kernel (`packed.rs`), the rest as plain vectors. Made by
-/// [`crate::Qwen2::decode_weights`], shared by the threads decoding one batch, and valid while
-/// the model's weights do not change.
+/// the few-row kernel (`packed.rs`), the rest as plain vectors. Shared by the threads decoding
+/// one batch, and valid while the model's weights do not change.
 #[derive(Debug, Clone)]
-pub struct DecodeWeights(pub(crate) Arc<HostModel>);
+pub struct HostEngine(Arc<HostModel>);
 
-impl<B: Backend> crate::Qwen2<B> {
-    /// The weights for fast decoding on the host ([`KvCache::with_decode_weights`]) when the
-    /// model runs on burn-flex in f32 or bf16 on a CPU with AVX-512; `None` elsewhere (GPU
-    /// backends, f16, other CPUs), where decoding goes through burn's tensors as before.
-    /// bf16 projection weights stay bf16 (half the bytes to read); activations are f32.
-    ///
-    /// [`KvCache::with_decode_weights`]: crate::KvCache::with_decode_weights
-    pub fn decode_weights(&self) -> Option<DecodeWeights> {
-        let bf16 = match self.dtype() {
+impl HostEngine {
+    /// The engine for `model` when it runs on burn-flex in f32 or bf16 on a CPU with AVX-512;
+    /// `None` elsewhere (GPU backends, f16, other CPUs), where decoding goes through burn
+    /// ([`t1_model::BurnDecoder`]). bf16 projection weights stay bf16 (half the bytes to
+    /// read); activations are f32.
+    pub fn new<B: Backend>(model: &Qwen2<B>) -> Option<Self> {
+        let bf16 = match model.dtype() {
             DType::F32 => false,
             DType::BF16 => true,
             _ => return None,
         };
-        if B::name(&self.device()) != "flex" || !available() {
+        if B::name(&model.device()) != "flex" || !available() {
             return None;
         }
-        let first = &self.layers.first()?.self_attn;
-        let (hidden, vocab) = (self.embed_tokens.weight.dims()[1], self.vocab_size());
-        let embed = host(self.embed_tokens.weight.val());
-        let head = match &self.lm_head {
+        let first = &model.layers.first()?.self_attn;
+        let (hidden, vocab) = (model.embed_tokens.weight.dims()[1], model.vocab_size());
+        let embed = host(model.embed_tokens.weight.val());
+        let head = match &model.lm_head {
             Some(head) => PackedLinear::from_linear(head, bf16),
             None => {
                 let mut transposed = vec![0.0; embed.len()];
@@ -61,7 +59,7 @@ impl<B: Backend> crate::Qwen2<B> {
                 PackedLinear::new(&transposed, hidden, vocab, None, bf16)
             }
         };
-        let layers = self
+        let layers = model
             .layers
             .iter()
             .map(|l| HostLayer {
@@ -75,18 +73,56 @@ impl<B: Backend> crate::Qwen2<B> {
                 },
             })
             .collect();
-        Some(DecodeWeights(Arc::new(HostModel {
+        Some(HostEngine(Arc::new(HostModel {
             layers,
             embed,
-            norm: host(self.norm.gamma.val()),
-            eps: self.norm.epsilon as f32,
+            norm: host(model.norm.gamma.val()),
+            eps: model.norm.epsilon as f32,
             head,
             hidden,
             heads: first.num_heads,
             kv_heads: first.num_kv_heads,
             head_dim: first.head_dim,
-            rope_theta: self.rope_theta as f32,
+            rope_theta: model.rope_theta as f32,
+            dtype: model.dtype(),
         })))
+    }
+
+    /// A decoder that continues from `cache` (a prefill of `batch` sequences through burn,
+    /// moved to host buffers) and splits each step between `threads` threads: this one and
+    /// `threads - 1` helpers that spin while the decoder lives, so drop it when decoding is
+    /// done.
+    pub fn decoder<B: Backend>(&self, cache: KvCache<B>, batch: usize, threads: usize) -> HostDecoder {
+        let m = &self.0;
+        let mut layers = cache.into_layers();
+        let kv = HostKv::from_tensors(&mut layers, batch, m.kv_heads, m.head_dim, m.dtype);
+        HostDecoder { model: self.0.clone(), kv, team: Team::new(threads.max(1)) }
+    }
+}
+
+/// Decoding steps on the host ([`HostEngine::decoder`]).
+#[derive(Debug)]
+pub struct HostDecoder {
+    model: Arc<HostModel>,
+    kv: HostKv,
+    team: Team,
+}
+
+impl Decoder for HostDecoder {
+    fn step(&mut self, inputs: &Inputs) -> Vec<f32> {
+        self.model.step(inputs, &mut self.kv, &self.team)
+    }
+
+    fn len(&self) -> usize {
+        self.kv.len
+    }
+}
+
+impl HostDecoder {
+    /// The keys and values back in burn tensors of the model's dtype, for calls through
+    /// [`Qwen2::forward`] (several tokens at once).
+    pub fn into_cache<B: Backend>(self, device: &B::Device) -> KvCache<B> {
+        KvCache::from_layers(self.kv.into_tensors(device))
     }
 }
 
@@ -105,6 +141,8 @@ pub(crate) struct HostModel {
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
     pub(crate) rope_theta: f32,
+    /// The model's dtype, which the keys and values get back in [`HostDecoder::into_cache`].
+    pub(crate) dtype: DType,
 }
 
 #[derive(Debug)]

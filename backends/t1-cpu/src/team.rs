@@ -4,7 +4,7 @@
 //! attention's rows), each a few hundred µs or less. rayon's workers fall asleep between them
 //! and waking them cost more than the split saved (measured: 1.3–1.7 s against 1.05 s for
 //! 16 × 128 tokens). Here the helpers spin while the team lives (one decoding call, see
-//! [`crate::KvCache::with_threads`]), so handing out a piece costs a cache-line round trip.
+//! [`crate::HostEngine::decoder`]), so handing out a piece costs a cache-line round trip.
 //! Splitting the projections' columns reads each weight once per step for the whole batch,
 //! where a thread per batch shard reads every weight once per shard: 3.8 against 6.2 ms per
 //! step for the 18M model's projections on 2 cores (`packed.rs`, `packed_speed`).
