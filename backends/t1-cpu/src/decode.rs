@@ -20,6 +20,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use t1_model::{rope_angles, Decoder, Inputs, KvCache, Qwen2, MASKED};
 use t1_ops::kernels::{self, available, exp_in_place, rms_norm_into, swiglu_into};
+use t1_ops::FusedOps;
 
 use crate::packed::{host, PackedLayer, PackedLinear};
 use crate::team::Team;
@@ -31,17 +32,18 @@ use crate::team::Team;
 pub struct HostEngine(Arc<HostModel>);
 
 impl HostEngine {
-    /// The engine for `model` when it runs on burn-flex in f32 or bf16 on a CPU with AVX-512;
+    /// The engine for `model` when its backend keeps tensors in host memory
+    /// ([`FusedOps::HOST_MEMORY`]: burn-flex), in f32 or bf16, on a CPU with AVX-512;
     /// `None` elsewhere (GPU backends, f16, other CPUs), where decoding goes through burn
     /// ([`t1_model::BurnDecoder`]). bf16 projection weights stay bf16 (half the bytes to
     /// read); activations are f32.
-    pub fn new<B: Backend>(model: &Qwen2<B>) -> Option<Self> {
+    pub fn new<B: FusedOps>(model: &Qwen2<B>) -> Option<Self> {
         let bf16 = match model.dtype() {
             DType::F32 => false,
             DType::BF16 => true,
             _ => return None,
         };
-        if B::name(&model.device()) != "flex" || !available() {
+        if !B::HOST_MEMORY || !available() {
             return None;
         }
         let first = &model.layers.first()?.self_attn;
@@ -317,7 +319,7 @@ impl HostModel {
                 let at = (row * self.kv_heads + g) * cap * d;
                 let heads = g * rep * d..(g + 1) * rep * d;
                 let (qg, og) = (&q[row * width..][heads.clone()], &mut out[i * width..][heads]);
-                // SAFETY: `decode_weights` gives weights only on a CPU with AVX-512.
+                // SAFETY: `HostEngine::new` gives an engine only on a CPU with AVX-512.
                 unsafe { attend_group(qg, &keys[at..at + s.next_multiple_of(BLOCK) * d], &values[at..at + s * d], mask, &mut weights, og) };
             }
         }

@@ -1,7 +1,8 @@
 //! [`FusedOps`] on `Autodiff<B>`: each operation runs `B`'s forward and is one node of the
 //! graph, whose backward is `B`'s `*_backward` method (a kernel where `B` has one, burn's ops
 //! otherwise). Inputs that need no gradient get none; the state a backward needs is kept only
-//! when some input is tracked.
+//! when some input is tracked. Inputs broadcast against each other (shapes whose gradients the
+//! nodes do not reduce) go through burn's composition and its autodiff.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -18,13 +19,22 @@ use crate::{compose, FusedOps};
 type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    const HOST_MEMORY: bool = B::HOST_MEMORY;
+
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        if gate.dims() != up.dims() {
+            return compose::swiglu(gate, up);
+        }
         let (gate, up) = (prim(gate), prim(up));
         let out = B::swiglu(inner::<B, C, D>(&gate), inner::<B, C, _>(&up));
         record::<B, C, _, 2, _>(SwigluBackward::<D>, [&gate, &up], |_| (gate.primitive.clone(), up.primitive.clone()), out)
     }
 
     fn masked_softmax(scores: Tensor<Self, 4>, bias: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let [b, h, t, s] = scores.dims();
+        if bias.dims() != [b, 1, t, s] && bias.dims() != [b, h, t, s] {
+            return compose::masked_softmax(scores, bias);
+        }
         let (scores, bias) = (prim(scores), prim(bias));
         let bias_heads = bias.primitive.shape()[1];
         let out = B::masked_softmax(inner::<B, C, 4>(&scores), inner::<B, C, _>(&bias));
@@ -38,6 +48,9 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 
     fn rope_heads(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        if cos.dims() != x.dims() || sin.dims() != x.dims() {
+            return compose::rope_heads(x, cos, sin);
+        }
         let (x, cos, sin) = (prim(x), prim(cos), prim(sin));
         let out = B::rope_heads(inner::<B, C, 4>(&x), inner::<B, C, _>(&cos), inner::<B, C, _>(&sin));
         // `x` is needed only for the tables' own gradients (they are constants in the model)

@@ -68,7 +68,7 @@ pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>
 
 /// In f32 whatever the dtype, the results cast back to it.
 pub fn rms_norm_backward<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, eps: f64, d_y: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, 1>) {
-    let dtype = x.dtype();
+    let (dtype, gamma_dtype) = (x.dtype(), gamma.dtype());
     let n = gamma.dims()[0];
     let (x, gamma, d_y) = (x.cast(DType::F32), gamma.cast(DType::F32), d_y.cast(DType::F32));
     let r = (x.clone().square().mean_dim(D - 1) + eps).sqrt().recip();
@@ -78,5 +78,5 @@ pub fn rms_norm_backward<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Ten
     let d_x = (g - x_hat.clone() * mean) * r;
     let rows = x_hat.dims()[..D - 1].iter().product::<usize>();
     let d_gamma = (d_y * x_hat).reshape([rows, n]).sum_dim(0).reshape([n]);
-    (d_x.cast(dtype), d_gamma.cast(dtype))
+    (d_x.cast(dtype), d_gamma.cast(gamma_dtype))
 }

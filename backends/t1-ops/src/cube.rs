@@ -15,7 +15,8 @@ use crate::{compose, FusedOps};
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps for CubeBackend<R, F, I, BT> {
     fn rms_norm<const D: usize>(x: Tensor<Self, D>, gamma: Tensor<Self, 1>, eps: f64) -> Tensor<Self, D> {
-        if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || gamma.dims()[0] != x.dims()[D - 1] {
+        // empty tensors too: no launch over zero units
+        if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || gamma.dims()[0] != x.dims()[D - 1] || x.shape().num_elements() == 0 {
             return compose::rms_norm(x, gamma, eps);
         }
         let y = kernels::rms_norm::<R>(x.into_primitive().tensor(), gamma.into_primitive().tensor(), eps as f32);
@@ -24,7 +25,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> FusedOps f
 
     fn rms_norm_backward<const D: usize>(x: Tensor<Self, D>, gamma: Tensor<Self, 1>, eps: f64, d_y: Tensor<Self, D>) -> (Tensor<Self, D>, Tensor<Self, 1>) {
         let f32s = [x.dtype(), gamma.dtype(), d_y.dtype()].iter().all(|d| *d == DType::F32);
-        if !f32s || gamma.dims()[0] != x.dims()[D - 1] || d_y.dims() != x.dims() {
+        if !f32s || gamma.dims()[0] != x.dims()[D - 1] || d_y.dims() != x.dims() || x.shape().num_elements() == 0 {
             return compose::rms_norm_backward(x, gamma, eps, d_y);
         }
         let (prim_x, prim_g, prim_d) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), d_y.into_primitive().tensor());
@@ -133,7 +134,7 @@ mod kernels {
         (t, shape, rows, n)
     }
 
-    /// RMSNorm of `x` `[.., n]` over its last axis with `gamma` `[n]`.
+    /// RMSNorm of `x` `[.., n]` (not empty) over its last axis with `gamma` `[n]`.
     pub(crate) fn rms_norm<R: CubeRuntime>(x: CubeTensor<R>, gamma: CubeTensor<R>, eps: f32) -> CubeTensor<R> {
         let (x2, shape, rows, n) = as_2d(x);
         let gamma = into_contiguous(gamma);
@@ -142,10 +143,6 @@ mod kernels {
         let client = x2.client.clone();
 
         let y = empty_device_contiguous_dtype::<R>(client.clone(), x2.device.clone(), Shape::new([rows, n]), dtype);
-        if rows == 0 || n == 0 {
-            return reshape(y, shape);
-        }
-
         let (count, dim) = grid(&client, rows);
         let (x2, gamma, out) = (x2.into_tensor_arg(), gamma.into_tensor_arg(), y.clone().into_tensor_arg());
         rms_norm_fwd_kernel::launch::<R>(&client, count, dim, x2, gamma, out, eps, 1.0 / n as f32, dtype.into());
@@ -168,17 +165,11 @@ mod kernels {
         let r = empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), Shape::new([rows]), dtype);
         let dgamma = empty_device_contiguous_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), dtype);
 
-        if n == 0 {
-            return (reshape(dx, shape), dgamma);
-        }
+        let (count, dim) = grid(&client, rows);
+        let args = (x2.clone().into_tensor_arg(), gamma.into_tensor_arg(), dy2.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), r.clone().into_tensor_arg());
+        rms_norm_bwd_dx_kernel::launch::<R>(&client, count, dim, args.0, args.1, args.2, args.3, args.4, eps, 1.0 / n as f32, dtype.into());
 
-        if rows > 0 {
-            let (count, dim) = grid(&client, rows);
-            let args = (x2.clone().into_tensor_arg(), gamma.into_tensor_arg(), dy2.clone().into_tensor_arg(), dx.clone().into_tensor_arg(), r.clone().into_tensor_arg());
-            rms_norm_bwd_dx_kernel::launch::<R>(&client, count, dim, args.0, args.1, args.2, args.3, args.4, eps, 1.0 / n as f32, dtype.into());
-        }
-
-        // after the dx kernel, which wrote `r` (one client, one stream); no rows: zeros
+        // after the dx kernel, which wrote `r` (one client, one stream)
         let (count, dim) = grid(&client, n);
         let (x2, dy2, r, out) = (x2.into_tensor_arg(), dy2.into_tensor_arg(), r.into_tensor_arg(), dgamma.clone().into_tensor_arg());
         rms_norm_bwd_dgamma_kernel::launch::<R>(&client, count, dim, x2, dy2, r, out, dtype.into());

@@ -11,6 +11,8 @@ use burn::tensor::{DType, Shape, Tensor, TensorData, TensorMetadata, TensorPrimi
 use crate::{compose, kernels, FusedOps};
 
 impl FusedOps for Flex {
+    const HOST_MEMORY: bool = true;
+
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         if !f32s(&[&gate, &up]) || gate.dims() != up.dims() {
             return compose::swiglu(gate, up);
@@ -301,6 +303,31 @@ mod tests {
         let w_heads = w.clone().swap_dims(1, 2);
         let grads = (y * w_heads.clone()).sum().backward();
         close(compose::rope_heads_backward(w_heads.inner(), cos.inner(), sin.inner()), a.grad(&grads).unwrap(), "rope d_x");
+    }
+
+    /// bf16 takes the same graph nodes as f32 (with burn's ops inside them on burn-flex): their
+    /// gradients against burn's autodiff of the composition, within bf16's precision.
+    #[test]
+    fn bf16_gradients_match_burns_autodiff_of_the_composition() {
+        let bf16 = |x: Tensor<Ad, 3>| x.cast(DType::BF16).require_grad();
+        let (a, b, w) = (bf16(random([2, 5, 40], 2.0, 30)), bf16(random([2, 5, 40], 1.0, 31)), random::<Ad, 3>([2, 5, 40], 1.0, 32).cast(DType::BF16));
+        let gamma = random::<Ad, 1>([40], 1.0, 33).cast(DType::BF16).require_grad();
+        let grads = |y: Tensor<Ad, 3>| (y * w.clone()).sum().backward();
+        let close = |got: Tensor<Flex, 3>, want: Tensor<Flex, 3>, what: &str| {
+            let (got, want) = (got.cast(DType::F32).into_data().to_vec::<f32>().unwrap(), want.cast(DType::F32).into_data().to_vec::<f32>().unwrap());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(diff <= 0.03 * scale, "{what}: max difference {diff} against a largest entry of {scale}");
+        };
+        let (fused, composed) = (grads(Ad::swiglu(a.clone(), b.clone())), grads(compose::swiglu(a.clone(), b.clone())));
+        close(a.grad(&fused).unwrap(), a.grad(&composed).unwrap(), "swiglu d_gate");
+        close(b.grad(&fused).unwrap(), b.grad(&composed).unwrap(), "swiglu d_up");
+        let (fused, composed) = (grads(Ad::log_softmax_last(a.clone())), grads(compose::log_softmax(a.clone())));
+        close(a.grad(&fused).unwrap(), a.grad(&composed).unwrap(), "log_softmax");
+        let (fused, composed) = (grads(Ad::rms_norm(a.clone(), gamma.clone(), 1e-6)), grads(compose::rms_norm(a.clone(), gamma.clone(), 1e-6)));
+        close(a.grad(&fused).unwrap(), a.grad(&composed).unwrap(), "rms_norm d_x");
+        let (g_fused, g_composed) = (gamma.grad(&fused).unwrap().reshape([1, 1, 40]), gamma.grad(&composed).unwrap().reshape([1, 1, 40]));
+        close(g_fused, g_composed, "rms_norm d_gamma");
     }
 
     #[test]

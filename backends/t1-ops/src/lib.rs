@@ -33,6 +33,10 @@ pub mod kernels;
 /// A burn backend with the model's fused operations. Shapes are those the model uses; the
 /// defaults compose burn's ops and accept any float dtype.
 pub trait FusedOps: Backend {
+    /// Whether the backend's tensors live in host memory, where a CPU engine can read them
+    /// directly (the CPU decoding engine of `t1-cpu` runs only there).
+    const HOST_MEMORY: bool = false;
+
     /// `silu(gate) * up`, element-wise; `gate` and `up` of one shape.
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         compose::swiglu(gate, up)

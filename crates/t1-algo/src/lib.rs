@@ -11,8 +11,9 @@
 //! - [`ema_update`]: T1's dynamic anchor θ_ref ← β·θ_ref + (1−β)·θ.
 //!
 //! **Architecture invariant:** no I/O, no concrete backend; every function is generic over
-//! `B: FusedOps` and documents its shapes.
+//! `B: Backend` (`FusedOps` where it takes a log-softmax) and documents its shapes.
 
+use burn::tensor::backend::Backend;
 use t1_model::FusedOps;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Int, Tensor};
@@ -102,7 +103,7 @@ pub enum KlEstimator {
 ///
 /// # Shapes
 /// - logp, ref_logp `[B, T]` → `[B, T]`
-pub fn kl<B: FusedOps>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlEstimator) -> Tensor<B, 2> {
+pub fn kl<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: KlEstimator) -> Tensor<B, 2> {
     let log_ratio = logp - ref_logp; // log π/π_ref
     match estimator {
         KlEstimator::K1 => log_ratio,
@@ -121,7 +122,7 @@ pub fn kl<B: FusedOps>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, estimator: Kl
 ///
 /// # Shapes
 /// - logp, old_logp `[B, T]`, advantages `[B]` (one per sequence) → (`[B, T]`, `[B, T]` 0/1)
-pub fn policy_loss<B: FusedOps>(
+pub fn policy_loss<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,
     advantages: Tensor<B, 1>,
@@ -172,7 +173,7 @@ impl Normalizer {
 ///
 /// # Shapes
 /// - loss, mask `[B, T]` → `[1]`
-pub fn aggregate<B: FusedOps>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggMode, norm: Normalizer) -> Tensor<B, 1> {
+pub fn aggregate<B: Backend>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggMode, norm: Normalizer) -> Tensor<B, 1> {
     let masked = loss * mask.clone();
     match mode {
         AggMode::TokenMean => masked.sum().div_scalar(norm.tokens),
@@ -188,7 +189,7 @@ pub fn aggregate<B: FusedOps>(loss: Tensor<B, 2>, mask: Tensor<B, 2>, mode: AggM
 ///
 /// # Shapes
 /// - x, mask `[B, T]` → `[1]`
-pub fn masked_mean<B: FusedOps>(x: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn masked_mean<B: Backend>(x: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
     (x * mask.clone()).sum() / mask.sum().clamp_min(1.0)
 }
 
@@ -206,18 +207,18 @@ pub enum Anchor {
 
 /// θ_ref ← β·θ_ref + (1−β)·θ for every float parameter. Both modules must have the same
 /// structure (the reference is a copy of the policy).
-pub fn ema_update<B: FusedOps, M: Module<B>>(reference: M, policy: &M, beta: f32) -> M {
-    struct Collect<B: FusedOps>(Vec<Tensor<B, 1>>);
-    impl<B: FusedOps> ModuleVisitor<B> for Collect<B> {
+pub fn ema_update<B: Backend, M: Module<B>>(reference: M, policy: &M, beta: f32) -> M {
+    struct Collect<B: Backend>(Vec<Tensor<B, 1>>);
+    impl<B: Backend> ModuleVisitor<B> for Collect<B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             self.0.push(param.val().reshape([-1]));
         }
     }
-    struct Blend<B: FusedOps> {
+    struct Blend<B: Backend> {
         policy: std::vec::IntoIter<Tensor<B, 1>>,
         beta: f32,
     }
-    impl<B: FusedOps> ModuleMapper<B> for Blend<B> {
+    impl<B: Backend> ModuleMapper<B> for Blend<B> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, tensor, mapper) = param.consume();
             let theta = self.policy.next().expect("same structure").reshape(tensor.dims());

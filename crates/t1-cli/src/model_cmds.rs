@@ -102,7 +102,7 @@ pub fn crosscheck(devices: &[t1_backends::DeviceSpec], model: Option<&Path>, bat
     anyhow::ensure!(devices.len() >= 2, "give at least two devices, e.g. --devices flex,wgpu");
     let case = match model {
         Some(dir) => {
-            let (config, m) = t1_model::load::<burn::backend::Flex>(dir, WeightDtype::F32, &Default::default())?;
+            let (config, m) = t1_model::load::<<t1_backends::FlexBackend as burn::tensor::backend::AutodiffBackend>::InnerBackend>(dir, WeightDtype::F32, &Default::default())?;
             let mut case = Case::random(&config, batch, len, seed);
             case.weights = hf::named_tensors(&m);
             case

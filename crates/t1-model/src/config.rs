@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-use crate::ModelError;
+use crate::error::ModelError;
 
 /// `config.json` of a `Qwen2ForCausalLM` checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

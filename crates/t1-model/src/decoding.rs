@@ -2,7 +2,9 @@
 //! token per sequence and step. [`BurnDecoder`] steps through burn's tensors on any backend;
 //! the CPU engine (`t1-cpu`) steps on the host.
 
-use crate::{FusedOps, Inputs, KvCache, Qwen2};
+use t1_ops::FusedOps;
+
+use crate::model::{Inputs, KvCache, Qwen2};
 
 /// Decoding steps after a prefill.
 pub trait Decoder {

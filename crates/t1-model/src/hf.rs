@@ -17,8 +17,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::Dtype;
 
-use crate::model::{Attention, DecoderLayer, Mlp};
-use crate::{ModelError, Qwen2, Qwen2Config};
+use crate::config::Qwen2Config;
+use crate::error::ModelError;
+use crate::model::{Attention, DecoderLayer, Mlp, Qwen2};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";

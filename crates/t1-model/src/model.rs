@@ -15,7 +15,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use t1_ops::FusedOps;
 
-use crate::Qwen2Config;
+use crate::config::Qwen2Config;
 
 /// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
 /// query) gives a uniform distribution instead of NaN.

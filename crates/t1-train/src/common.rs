@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use t1_data::ChatTokenizer;
 use t1_model::{FusedAutodiff, FusedOps, Qwen2, Qwen2Config, SaveOptions, WeightDtype};
 
-use crate::TrainError;
+use crate::error::TrainError;
 
 /// Where the initial weights come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

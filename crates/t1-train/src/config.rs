@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::TrainError;
+use crate::error::TrainError;
 
 /// Reads `path` (or the defaults when `None`), applies `sets` (`a.b=value`, value parsed as a
 /// TOML literal, else taken as a string), validates the types, and returns the config and its

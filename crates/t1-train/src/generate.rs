@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use t1_cpu::HostEngine;
+use t1_data::{ChatTokenizer, Problem};
 use t1_model::{BurnDecoder, Decoder, Inputs, KvCache, Qwen2};
 
 /// How tokens are drawn.
@@ -65,6 +66,31 @@ pub struct Rollout {
     pub truncated: bool,
 }
 
+/// Held-out answer accuracy: the fraction of `problems` whose response, decoded with
+/// `sampling` (greedy, or sampled from a fixed seed so that checkpoints are compared on the
+/// same stream), the grader (the RL reward's own function) marks correct. `batch` rows per
+/// generation call, each call cut into `threads` shards.
+pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, batch: usize, threads: usize) -> f32 {
+    if problems.is_empty() {
+        return 0.0;
+    }
+    let grader = t1_reward::GraderConfig::default();
+    let cfg = sampling;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut correct = 0usize;
+    for chunk in problems.chunks(batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect();
+        let outs = generate_sharded(model, &prompts, cfg, &[tokenizer.eos_id()], tokenizer.pad_id(), &mut rng, threads);
+        for (p, o) in chunk.iter().zip(&outs) {
+            let text = tokenizer.decode(&o.tokens);
+            if t1_reward::grade(&text, &p.answer, &grader).correct {
+                correct += 1;
+            }
+        }
+    }
+    correct as f32 / problems.len() as f32
+}
+
 /// Samples one response per prompt (prompts may differ in length).
 pub fn generate<B: FusedOps>(
     model: &Qwen2<B>,
@@ -109,10 +135,10 @@ fn generate_with<B: FusedOps>(
     let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
     let vocab = model.vocab_size();
     let (mut last, cache) = prefill(model, b, width, ids, mask, threads);
-    let mut decoder: Box<dyn Decoder + '_> = match engine {
-        Some(engine) => Box::new(engine.decoder(cache, b, threads)),
-        None => Box::new(BurnDecoder { model, cache }),
-    };
+    // made at the first step: a generation that ends at its first token copies nothing to the
+    // host and starts no threads
+    let mut prefilled = Some(cache);
+    let mut decoder: Option<Box<dyn Decoder + '_>> = None;
 
     let mut out: Vec<Rollout> = (0..b).map(|_| Rollout { tokens: vec![], logprobs: vec![], truncated: false }).collect();
     let mut done = vec![false; b];
@@ -141,6 +167,13 @@ fn generate_with<B: FusedOps>(
             *p += 1;
         }
         let inputs = Inputs::step(step_ids, positions, key_mask.concat());
+        let decoder = decoder.get_or_insert_with(|| {
+            let cache = prefilled.take().expect("the prefill's cache, taken once");
+            match &engine {
+                Some(engine) => Box::new(engine.decoder(cache, b, threads)),
+                None => Box::new(BurnDecoder { model, cache }),
+            }
+        });
         last = decoder.step(&inputs);
     }
     for (r, d) in out.iter_mut().zip(&done) {

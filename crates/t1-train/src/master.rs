@@ -22,7 +22,7 @@ use t1_data::ChatTokenizer;
 use t1_model::{Qwen2, Qwen2Config, WeightDtype};
 
 use crate::common::{cast, init_model, param_ids, ModelSource, OptimConfig};
-use crate::TrainError;
+use crate::error::TrainError;
 
 /// The checkpoint subdirectory that holds the f32 master weights.
 pub const MASTER_DIR: &str = "master";

@@ -33,7 +33,7 @@ use crate::checkpoint::ActivationCheckpointing;
 use crate::rl::RlConfig;
 use crate::common::{ModelSource, OptimConfig};
 use crate::sft::SftConfig;
-use crate::TrainError;
+use crate::error::TrainError;
 
 /// What a run does with the model, sized per optimiser micro-batch.
 #[derive(Debug, Clone, PartialEq)]

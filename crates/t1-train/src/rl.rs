@@ -33,7 +33,8 @@ use t1_reward::{GraderConfig, PenaltyConfig};
 
 use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
 use crate::checkpoint::ActivationCheckpointing;
-use crate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig, TrainError};
+use crate::error::TrainError;
+use crate::generate::{eval_accuracy, generate_sharded, Rollout, SamplingConfig};
 
 /// `t1 rl` settings. Every field has a default; unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

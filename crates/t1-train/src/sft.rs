@@ -22,7 +22,8 @@ use t1_model::{Inputs, Qwen2, WeightDtype};
 
 use crate::checkpoint::ActivationCheckpointing;
 use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
-use crate::{eval_accuracy, SamplingConfig, TrainError};
+use crate::error::TrainError;
+use crate::generate::{eval_accuracy, SamplingConfig};
 
 /// `t1 sft` settings. Every field has a default; unknown keys are errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
