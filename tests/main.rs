@@ -8,6 +8,7 @@ mod eval;
 mod hostile;
 #[cfg(unix)]
 mod kill;
+mod lora;
 mod model;
 mod save_direction;
 mod train;

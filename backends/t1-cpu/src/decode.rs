@@ -46,6 +46,15 @@ impl HostEngine {
         if !B::HOST_MEMORY || !available() {
             return None;
         }
+        // LoRA adapters are merged into the packed copy (W + s·A B, rounded once to the
+        // weights' dtype), so decoding costs what the base costs
+        let merged;
+        let model = if model.lora.is_some() {
+            merged = model.clone().merge_lora();
+            &merged
+        } else {
+            model
+        };
         let first = &model.layers.first()?.self_attn;
         let (hidden, vocab) = (model.embed_tokens.weight.dims()[1], model.vocab_size());
         let embed = host(model.embed_tokens.weight.val());

@@ -12,6 +12,7 @@ use t1_model::WeightDtype;
 
 pub struct Eval {
     pub models: Vec<PathBuf>,
+    pub adapter: Option<PathBuf>,
     pub data: PathBuf,
     pub config: EvalConfig,
     pub limit: usize,
@@ -27,8 +28,8 @@ impl BackendTask for Eval {
         }
         let mut reports = vec![];
         for dir in &self.models {
-            let (config, model) = t1_model::load::<B::InnerBackend>(dir, WeightDtype::F32, &device)?;
-            let tokenizer = ChatTokenizer::from_file(&dir.join("tokenizer.json"))
+            let (config, model, tokenizer) = crate::model_cmds::load_model::<B::InnerBackend>(dir, self.adapter.as_deref(), WeightDtype::F32, &device)?;
+            let tokenizer = ChatTokenizer::from_file(&tokenizer)
                 .with_context(|| format!("{} needs a tokenizer.json next to its weights", dir.display()))?;
             tokenizer.check_model_vocab(config.vocab_size)?;
             let name = model_name(dir);
@@ -112,7 +113,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         200
     };
     let t = Instant::now();
-    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], data: data.join("test.jsonl"), config: eval_cfg, limit, out: out.to_path_buf() };
+    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], adapter: None, data: data.join("test.jsonl"), config: eval_cfg, limit, out: out.to_path_buf() };
     let reports = t1_backends::dispatch(device, task)??;
     timings.push(("eval", t.elapsed().as_secs_f32()));
     crate::report::write(out, &sft_dir, &rl_dir, &reports, &timings, started.elapsed().as_secs_f32())?;

@@ -76,8 +76,12 @@ enum Command {
     },
     /// One forward pass over a token id sequence; writes its logits as safetensors
     Logits {
+        /// Checkpoint directory, or a PEFT adapter directory (its base_model_name_or_path is loaded)
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory applied on the model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Comma-separated token ids, e.g. 1,2,3
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<i64>,
@@ -93,8 +97,12 @@ enum Command {
     },
     /// Sample responses to prompts (chat format); prints one JSON line per prompt
     Generate {
+        /// Checkpoint directory, or a PEFT adapter directory (its base_model_name_or_path is loaded)
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter directory applied on the model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// A user message (repeatable)
         #[arg(long = "prompt", required = true)]
         prompts: Vec<String>,
@@ -149,9 +157,13 @@ enum Command {
     },
     /// Stage 3: accuracy vs thinking budget (forced answer when the budget runs out)
     Eval {
-        /// One or more checkpoint directories (each with tokenizer.json); one curve each
+        /// One or more checkpoint directories (each with tokenizer.json), or PEFT adapter
+        /// directories (their base_model_name_or_path is loaded); one curve each
         #[arg(long, required = true)]
         model: Vec<PathBuf>,
+        /// A PEFT LoRA adapter directory applied on every --model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Problems JSONL ({"prompt", "answer"})
         #[arg(long)]
         data: PathBuf,
@@ -179,6 +191,21 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
+    },
+    /// Merge a PEFT LoRA adapter into its base: writes a Hugging Face checkpoint transformers loads
+    Merge {
+        /// The base checkpoint directory
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory (must not hold a checkpoint already)
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the merged weights (default: the base's)
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Throughput of the training step or of decoding on a checkpoint (one JSON line)
     Bench {
@@ -288,19 +315,19 @@ fn keep_freed_memory() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Info { model } => model_cmds::info(&model),
-        Command::Logits { model, ids, out, device, dtype } => {
+        Command::Logits { model, adapter, ids, out, device, dtype } => {
             let dtype = t1_model::WeightDtype::parse(&dtype)
                 .with_context(|| format!("unknown --dtype {dtype:?}: use f32 or bf16"))?;
             t1_backends::check_dtype(&device, dtype.burn())?;
             if ids.is_empty() {
                 bail!("--ids is empty: give at least one token id");
             }
-            dispatch(&device, model_cmds::Logits { model, ids, out, dtype })
+            dispatch(&device, model_cmds::Logits { model, adapter, ids, out, dtype })
         }
-        Command::Generate { model, prompts, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+        Command::Generate { model, adapter, prompts, max_new_tokens, temperature, top_p, top_k, seed, device } => {
             let sampling = t1_train::SamplingConfig { temperature, top_p, top_k, max_new_tokens };
             sampling.validate().map_err(anyhow::Error::msg)?;
-            dispatch(&device, model_cmds::Generate { model, prompts, sampling, seed })
+            dispatch(&device, model_cmds::Generate { model, adapter, prompts, sampling, seed })
         }
         Command::Data { command: DataCommand::Synth { out, config, sets } } => train_cmds::synth(&out, config.as_deref(), &sets),
         Command::Sft(a) => {
@@ -324,13 +351,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { stage, config, sets, device, memory, arch, prompt_tokens, json } => {
             plan_cmd::run(plan_cmd::PlanArgs { stage, config, sets, device, memory, arch, prompt_tokens, json })
         }
-        Command::Eval { model, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
+        Command::Eval { model, adapter, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
             let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, threads: threads.max(1), ..Default::default() };
             config.budgets.sort_unstable();
             if let Some(cue) = cue {
                 config.forced_answer_cue = cue;
             }
-            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, data, config, limit, out })??;
+            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, limit, out })??;
             Ok(())
         }
         Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing } } => {
@@ -350,6 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(batch > 0 && prompt > 0 && new > 0 && threads > 0, "--batch, --prompt, --new and --threads must be > 0");
             dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype })
         }
+        Command::Merge { model, adapter, out, dtype } => model_cmds::merge(&model, &adapter, &out, dtype.as_deref()),
         Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),
         Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),
         Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),

@@ -1,4 +1,5 @@
-//! `t1 info` and `t1 logits`.
+//! `t1 info`, `t1 logits`, `t1 generate`, `t1 merge` and `t1 crosscheck`, and how a model
+//! directory (a checkpoint, or a PEFT adapter on its base) is loaded.
 
 use t1_model::FusedAutodiff;
 use std::collections::HashMap;
@@ -27,8 +28,70 @@ pub fn info(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A model to run: the checkpoint `model` (or, when `model` is a PEFT adapter directory, the
+/// base its `base_model_name_or_path` names, as PEFT's `AutoPeftModelForCausalLM` does) with
+/// `adapter` applied, and the tokenizer.json of the first of adapter, model and base that has one.
+pub fn load_model<B: burn::tensor::backend::Backend>(
+    model: &Path,
+    adapter: Option<&Path>,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<(Qwen2Config, t1_model::Qwen2<B>, PathBuf)> {
+    let (base, adapter) = match adapter {
+        Some(a) => (model.to_path_buf(), Some(a.to_path_buf())),
+        None if t1_model::lora::is_adapter_dir(model) && !model.join(hf::CONFIG_FILE).exists() => {
+            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join(t1_model::lora::ADAPTER_CONFIG_FILE))?)?;
+            let base = meta.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("");
+            if base.is_empty() || !Path::new(base).join(hf::CONFIG_FILE).exists() {
+                bail!(
+                    "{} is a LoRA adapter whose base_model_name_or_path ({base:?}) is not a checkpoint directory here: give the base with --model BASE --adapter {}",
+                    model.display(),
+                    model.display()
+                );
+            }
+            (PathBuf::from(base), Some(model.to_path_buf()))
+        }
+        None => (model.to_path_buf(), None),
+    };
+    let (config, mut m) = t1_model::load::<B>(&base, dtype, device).with_context(|| format!("loading {}", base.display()))?;
+    if let Some(a) = &adapter {
+        m = t1_model::load_adapter(m, a)?;
+    }
+    let tokenizer = [adapter.as_deref(), Some(model), Some(base.as_path())]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("tokenizer.json"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| base.join("tokenizer.json"));
+    Ok((config, m, tokenizer))
+}
+
+/// `t1 merge`: base + adapter → a Hugging Face checkpoint with `W + s·A B` (and the tokenizer).
+pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: Option<&str>) -> Result<()> {
+    type Inner = <t1_backends::FlexBackend as burn::tensor::backend::AutodiffBackend>::InnerBackend;
+    if out.join(hf::CONFIG_FILE).exists() || out.join(t1_model::lora::ADAPTER_CONFIG_FILE).exists() {
+        bail!("{} already holds a model: give an empty or new --out directory", out.display());
+    }
+    let config = Qwen2Config::from_file(&model.join(hf::CONFIG_FILE))?;
+    let base_dtype = config.extra.get("torch_dtype").or(config.extra.get("dtype")).and_then(|v| v.as_str()).and_then(WeightDtype::parse).unwrap_or(WeightDtype::F32);
+    let dtype = match dtype {
+        Some(d) => WeightDtype::parse(d).with_context(|| format!("--dtype {d:?}: use f32, bf16 or f16"))?,
+        None => base_dtype,
+    };
+    // merged in f32 and rounded once to the output dtype
+    let (config, m, tokenizer) = load_model::<Inner>(model, Some(adapter), WeightDtype::F32, &Default::default())?;
+    let merged = m.merge_lora();
+    t1_model::save(&merged, &config, out, &t1_model::SaveOptions { dtype: Some(dtype), ..Default::default() })?;
+    if tokenizer.exists() {
+        std::fs::copy(&tokenizer, out.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
+    }
+    eprintln!("merged {} into {} ({}): {}", adapter.display(), model.display(), dtype.torch_name(), out.display());
+    Ok(())
+}
+
 pub struct Logits {
     pub model: PathBuf,
+    pub adapter: Option<PathBuf>,
     pub ids: Vec<i64>,
     pub out: PathBuf,
     pub dtype: WeightDtype,
@@ -38,8 +101,7 @@ impl BackendTask for Logits {
     type Output = Result<()>;
 
     fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
-        let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, self.dtype, &device)
-            .with_context(|| format!("loading {}", self.model.display()))?;
+        let (config, model, _) = load_model::<B::InnerBackend>(&self.model, self.adapter.as_deref(), self.dtype, &device)?;
         if let Some(bad) = self.ids.iter().find(|&&i| i < 0 || i as usize >= config.vocab_size) {
             bail!("token id {bad} is outside the vocabulary (0..{})", config.vocab_size);
         }
@@ -57,6 +119,7 @@ impl BackendTask for Logits {
 
 pub struct Generate {
     pub model: PathBuf,
+    pub adapter: Option<PathBuf>,
     pub prompts: Vec<String>,
     pub sampling: t1_train::SamplingConfig,
     pub seed: u64,
@@ -67,9 +130,8 @@ impl BackendTask for Generate {
 
     fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         use rand::SeedableRng;
-        let (config, model) = t1_model::load::<B::InnerBackend>(&self.model, WeightDtype::F32, &device)
-            .with_context(|| format!("loading {}", self.model.display()))?;
-        let tokenizer = t1_data::ChatTokenizer::from_file(&self.model.join("tokenizer.json"))?;
+        let (config, model, tokenizer) = load_model::<B::InnerBackend>(&self.model, self.adapter.as_deref(), WeightDtype::F32, &device)?;
+        let tokenizer = t1_data::ChatTokenizer::from_file(&tokenizer)?;
         tokenizer.check_model_vocab(config.vocab_size)?;
         let prompts: Vec<Vec<u32>> = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);

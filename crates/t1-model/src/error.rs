@@ -13,6 +13,8 @@ pub enum ModelError {
     NoWeights { dir: PathBuf },
     #[error("corrupt checkpoint file {path}: {message}; re-save or re-download it")]
     Corrupt { path: PathBuf, message: String },
+    #[error("LoRA adapter {dir}: {message}")]
+    Adapter { dir: PathBuf, message: String },
     #[error("checkpoint {dir} does not match its config.json: {message}; the weights and config.json must come from the same model")]
     Mismatch { dir: PathBuf, message: String },
 }

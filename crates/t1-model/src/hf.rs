@@ -466,6 +466,7 @@ impl<B: Backend> Weights<'_, B> {
             norm: self.norm("model.norm.weight", eps),
             lm_head: (!config.tie_word_embeddings).then(|| self.linear("lm_head", false)),
             rope_theta: config.rope_theta(),
+            lora: None,
         }
     }
 }

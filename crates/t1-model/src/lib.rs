@@ -10,11 +10,13 @@ mod config;
 mod decoding;
 mod error;
 pub mod hf;
+pub mod lora;
 mod model;
 
 pub use config::Qwen2Config;
 pub use decoding::{BurnDecoder, Decoder};
 pub use error::ModelError;
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};
+pub use lora::{load_adapter, read_adapter, read_adapter_config, save_adapter, Lora, LoraConfig};
 pub use model::{rope_angles, Inputs, KvCache, LayerInputs, Qwen2, MASKED};
 pub use t1_ops::{FusedAutodiff, FusedOps};

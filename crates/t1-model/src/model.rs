@@ -4,7 +4,8 @@
 //! attention with rotary embeddings, q/k/v bias and no o_proj bias → residual → RMSNorm →
 //! SwiGLU MLP → residual) → RMSNorm → `lm_head` (tied to the embedding or not).
 //! Field names are the checkpoint's tensor names (`model.layers.{i}.self_attn.q_proj.weight`),
-//! so loading in `hf.rs` is a mapping one can read.
+//! so loading in `hf.rs` is a mapping one can read. LoRA adapters (`lora.rs`, PEFT's layout)
+//! add `s · x A B` to the projections they target.
 //!
 //! Masks and rotary tables are computed on the host from the padding mask ([`Inputs`]), so
 //! the same code serves full forward passes, left/right padded batches and KV-cache decoding.
@@ -16,6 +17,7 @@ use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use t1_ops::FusedOps;
 
 use crate::config::Qwen2Config;
+use crate::lora::{LayerLora, Lora, LoraPair};
 
 /// Added to the attention score of a masked key. Finite, so that a fully masked row (a padding
 /// query) gives a uniform distribution instead of NaN.
@@ -56,6 +58,9 @@ pub struct Qwen2<B: Backend> {
     pub norm: RmsNorm<B>,
     pub lm_head: Option<Linear<B>>,
     pub rope_theta: f64,
+    /// LoRA adapters on the layers' projections (`lora.rs`), `None` for the plain model.
+    /// Last, so the base's parameter ids are the same with and without them.
+    pub lora: Option<Lora<B>>,
 }
 
 /// Per-layer keys and values of the tokens seen so far, for incremental decoding.
@@ -214,6 +219,7 @@ impl<B: Backend> Qwen2<B> {
             norm: norm(h),
             lm_head: (!config.tie_word_embeddings).then(|| linear(h, config.vocab_size, false)),
             rope_theta: config.rope_theta(),
+            lora: None,
         }
         .with_stable_param_ids()
     }
@@ -273,7 +279,7 @@ impl<B: FusedOps> Qwen2<B> {
         let mut x = self.embed_tokens.forward(ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, bias.clone(), layer_cache);
+            x = layer.forward(x, &rope, bias.clone(), layer_cache, self.layer_lora(i));
         }
         rms_norm(&self.norm, x)
     }
@@ -294,7 +300,12 @@ impl<B: FusedOps> Qwen2<B> {
 
     /// Decoder layer `i` on hidden states `x` `[batch, len, hidden]` (no cache).
     pub fn layer(&self, i: usize, x: Tensor<B, 3>, shared: &LayerInputs<B>) -> Tensor<B, 3> {
-        self.layers[i].forward(x, &shared.rope, shared.bias.clone(), None)
+        self.layers[i].forward(x, &shared.rope, shared.bias.clone(), None, self.layer_lora(i))
+    }
+
+    /// The adapters of layer `i`, if the model has any.
+    fn layer_lora(&self, i: usize) -> Option<&LayerLora<B>> {
+        self.lora.as_ref().map(|l| &l.layers[i])
     }
 
     /// The final RMSNorm and the head: last hidden states → logits `[batch, len, vocab]`.
@@ -305,7 +316,7 @@ impl<B: FusedOps> Qwen2<B> {
     /// `[batch, len, hidden]` → `[batch, len, vocab]` through `lm_head` or the tied embedding.
     pub fn lm_head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => project(head, hidden),
+            Some(head) => project(head, None, hidden),
             None => {
                 let [b, t, h] = hidden.dims();
                 let (rows, embed) = (hidden.reshape([b * t, h]), self.embed_tokens.weight.val());
@@ -395,18 +406,19 @@ impl<B: FusedOps> DecoderLayer<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        lora: Option<&LayerLora<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(rms_norm(&self.input_layernorm, x), rope, bias, cache);
-        h.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, h))
+        let h = x.clone() + self.self_attn.forward(rms_norm(&self.input_layernorm, x), rope, bias, cache, lora);
+        h.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, h), lora)
     }
 }
 
 impl<B: FusedOps> Mlp<B> {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = project(&self.gate_proj, x.clone());
-        let up = project(&self.up_proj, x);
-        project(&self.down_proj, B::swiglu(gate, up))
+    fn forward(&self, x: Tensor<B, 3>, lora: Option<&LayerLora<B>>) -> Tensor<B, 3> {
+        let gate = project(&self.gate_proj, lora.and_then(|l| l.gate_proj.as_ref()), x.clone());
+        let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x);
+        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), B::swiglu(gate, up))
     }
 }
 
@@ -422,14 +434,16 @@ impl<B: FusedOps> Attention<B> {
         rope: &Rope<B>,
         bias: Tensor<B, 4>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        lora: Option<&LayerLora<B>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // rotate while each projection is still `[b, t, heads, d]` (contiguous), out as `[b, heads, t, d]`
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]);
-        let q = B::rope_heads(heads(project(&self.q_proj, x.clone()), h), rope.q.0.clone(), rope.q.1.clone());
-        let mut k = B::rope_heads(heads(project(&self.k_proj, x.clone()), kvh), rope.k.0.clone(), rope.k.1.clone());
-        let mut v = heads(project(&self.v_proj, x), kvh).swap_dims(1, 2);
+        let adapter = |pick: fn(&LayerLora<B>) -> Option<&LoraPair<B>>| lora.and_then(pick);
+        let q = B::rope_heads(heads(project(&self.q_proj, adapter(|l| l.q_proj.as_ref()), x.clone()), h), rope.q.0.clone(), rope.q.1.clone());
+        let mut k = B::rope_heads(heads(project(&self.k_proj, adapter(|l| l.k_proj.as_ref()), x.clone()), kvh), rope.k.0.clone(), rope.k.1.clone());
+        let mut v = heads(project(&self.v_proj, adapter(|l| l.v_proj.as_ref()), x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -445,7 +459,7 @@ impl<B: FusedOps> Attention<B> {
         let scores = q.matmul(k.swap_dims(2, 3)); // [b, kvh, rep*t, s], scaled by 1/√d through the query's rotary tables
         let probs = B::masked_softmax(scores.reshape([b, h, t, s]), bias);
         let attn = probs.reshape([b, kvh, rep * t, s]).matmul(v).reshape([b, h, t, d]);
-        project(&self.o_proj, attn.swap_dims(1, 2).reshape([b, t, h * d]))
+        project(&self.o_proj, adapter(|l| l.o_proj.as_ref()), attn.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 }
 
@@ -454,12 +468,17 @@ fn rms_norm<B: FusedOps>(norm: &RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     B::rms_norm(x, norm.gamma.val(), norm.epsilon)
 }
 
-/// `linear(x)` for `x` `[batch, len, in]` as one `[batch * len, in] × [in, out]` matmul: burn's
-/// `Linear` on a 3-d input runs one matmul per batch row (a matrix-vector product per sequence
-/// when decoding), reading the weights `batch` times.
-fn project<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// `linear(x)`, plus the LoRA adapter's addition when there is one, for `x` `[batch, len, in]`
+/// as one `[batch * len, in] × [in, out]` matmul: burn's `Linear` on a 3-d input runs one
+/// matmul per batch row (a matrix-vector product per sequence when decoding), reading the
+/// weights `batch` times.
+fn project<B: Backend>(linear: &Linear<B>, lora: Option<&LoraPair<B>>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, n] = x.dims();
-    let y = linear.forward(x.reshape([b * t, n]));
+    let x = x.reshape([b * t, n]);
+    let y = match lora {
+        Some(adapter) => linear.forward(x.clone()) + adapter.delta(x),
+        None => linear.forward(x),
+    };
     let out = y.dims()[1];
     y.reshape([b, t, out])
 }

@@ -25,6 +25,9 @@ pub struct ModelSource {
     pub checkpoint: PathBuf,
     /// f32, or bf16 on flex/cuda.
     pub dtype: String,
+    /// A PEFT LoRA adapter directory to continue training on `checkpoint` (LoRA is then on,
+    /// with the adapter's rank, alpha and targets); empty = none.
+    pub adapter: PathBuf,
     pub scratch: ScratchModel,
 }
 
@@ -65,7 +68,7 @@ pub struct OptimConfig {
 
 impl Default for ModelSource {
     fn default() -> Self {
-        Self { checkpoint: PathBuf::new(), dtype: "f32".into(), scratch: ScratchModel::default() }
+        Self { checkpoint: PathBuf::new(), dtype: "f32".into(), adapter: PathBuf::new(), scratch: ScratchModel::default() }
     }
 }
 
@@ -140,8 +143,9 @@ pub fn scratch_config(s: &ScratchModel, tokenizer: &ChatTokenizer) -> Result<Qwe
     Ok(config)
 }
 
-/// The model with every float parameter cast to `dtype` (ids kept).
-pub fn cast<B: FusedOps>(model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
+/// The model with every float parameter of the base cast to `dtype` (ids kept); LoRA adapters
+/// stay f32.
+pub fn cast<B: FusedOps>(mut model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
     struct Cast(DType);
     impl<B: FusedOps> ModuleMapper<B> for Cast {
         fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
@@ -155,7 +159,20 @@ pub fn cast<B: FusedOps>(model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
             Param::from_mapped_value(id, t, m)
         }
     }
-    model.map(&mut Cast(dtype))
+    let lora = model.lora.take();
+    let mut model = model.map(&mut Cast(dtype));
+    model.lora = lora;
+    model
+}
+
+/// Writes a model directory: the HF checkpoint (`config.json` + weights), or for a LoRA model
+/// its adapter in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`).
+pub fn save_model_dir<B: FusedOps>(model: &Qwen2<B>, config: &Qwen2Config, dir: &Path) -> Result<(), TrainError> {
+    match model.lora {
+        Some(_) => t1_model::save_adapter(model, dir)?,
+        None => t1_model::save(model, config, dir, &SaveOptions::default())?,
+    }
+    Ok(())
 }
 
 /// The ids and ranks of a model's float parameters.
@@ -293,7 +310,8 @@ pub const RUN_CONFIG_FILE: &str = "run_config.toml";
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
-/// Writes `out_dir/checkpoint-{step}`: the model (HF layout), tokenizer, optimiser state,
+/// Writes `out_dir/checkpoint-{step}`: the model (HF layout, or a LoRA run's adapter in
+/// PEFT's), tokenizer, optimiser state,
 /// trainer state and resolved run config. The directory is written under a temporary name
 /// and renamed when complete, so a crash leaves the previous checkpoint intact; only the
 /// newest `keep` checkpoints are kept.
@@ -313,9 +331,12 @@ pub fn save_checkpoint<B: FusedAutodiff, O: burn::optim::Optimizer<Qwen2<B>, B>>
     let tmp = out_dir.join(format!(".checkpoint-{:06}.tmp", state.step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    t1_model::save(&model.valid(), config, &tmp, &SaveOptions::default())?;
+    save_model_dir(&model.valid(), config, &tmp)?;
     for (name, m) in extra {
-        t1_model::save(m, config, &tmp.join(name), &SaveOptions::default())?;
+        // a LoRA run's frozen anchor is the base alone: nothing to save
+        if model.lora.is_none() || m.lora.is_some() {
+            save_model_dir(*m, config, &tmp.join(name))?;
+        }
     }
     tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
     BinFileRecorder::<FullPrecisionSettings>::new()

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crosscheck;
 mod error;
 pub mod generate;
+pub mod lora;
 pub mod master;
 pub mod parallel;
 pub mod plan;

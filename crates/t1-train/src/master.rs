@@ -19,9 +19,9 @@ use burn::tensor::{DType, Tensor};
 use std::path::Path;
 
 use t1_data::ChatTokenizer;
-use t1_model::{Qwen2, Qwen2Config, WeightDtype};
+use t1_model::{LoraConfig, Qwen2, Qwen2Config, WeightDtype};
 
-use crate::common::{cast, init_model, param_ids, ModelSource, OptimConfig};
+use crate::common::{cast, init_model, ModelSource, OptimConfig};
 use crate::error::TrainError;
 
 /// The checkpoint subdirectory that holds the f32 master weights.
@@ -29,7 +29,18 @@ pub const MASTER_DIR: &str = "master";
 
 /// Whether a run with weights in `dtype` keeps f32 master weights: `optim.master_weights`, or,
 /// when unset, yes for bf16/f16 and no for f32. Master weights with f32 weights are an error.
-pub fn uses_master_weights(optim: &OptimConfig, dtype: WeightDtype) -> Result<bool, TrainError> {
+/// With LoRA there are none (the base is frozen and the adapters are f32); asking for them is
+/// an error.
+pub fn uses_master_weights(optim: &OptimConfig, dtype: WeightDtype, lora: bool) -> Result<bool, TrainError> {
+    if lora {
+        return match optim.master_weights {
+            Some(true) => Err(TrainError::Config {
+                origin: "optim.master_weights".into(),
+                message: "LoRA trains f32 adapters on a frozen base, so there is nothing for master weights to keep: remove optim.master_weights".into(),
+            }),
+            _ => Ok(false),
+        };
+    }
     match (optim.master_weights, dtype) {
         (Some(true), WeightDtype::F32) => Err(TrainError::Config {
             origin: "optim.master_weights".into(),
@@ -89,12 +100,12 @@ impl<B: FusedAutodiff> Optimizer<Qwen2<B>, B> for MasterWeights<B> {
 
     fn step(&mut self, lr: f64, module: Qwen2<B>, grads: GradientsParams) -> Qwen2<B> {
         let Some(master) = self.master.take() else {
-            // pure low precision: the gradients in the weights' own dtype
-            let dtype = module.dtype();
-            let grads = cast_grads(&module, grads, dtype);
+            // pure low precision (or f32 LoRA adapters on a bf16 base): each gradient in its
+            // parameter's own dtype
+            let grads = cast_grads(&module, grads, None);
             return self.adamw.step(lr, module, grads);
         };
-        let grads = cast_grads(&module, grads, DType::F32);
+        let grads = cast_grads(&module, grads, Some(DType::F32));
         let master = self.adamw.step(lr, master, grads);
         let model = leaf(cast(master.valid(), self.compute));
         self.master = Some(master);
@@ -132,16 +143,17 @@ pub fn leaf<B: FusedAutodiff>(inner: Qwen2<B::InnerBackend>) -> Qwen2<B> {
     Qwen2::<B>::from_inner(inner).map(&mut RequireGrad)
 }
 
-/// The gradients with every tensor cast to `dtype` (one parameter at a time, so the peak is one
-/// parameter's copy).
-pub fn cast_grads<B: FusedAutodiff>(model: &Qwen2<B>, mut grads: GradientsParams, dtype: DType) -> GradientsParams {
+/// The gradients with every tensor cast to `dtype`, or to its parameter's dtype when `None`
+/// (one parameter at a time, so the peak is one parameter's copy).
+pub fn cast_grads<B: FusedAutodiff>(model: &Qwen2<B>, mut grads: GradientsParams, dtype: Option<DType>) -> GradientsParams {
     fn one<B: FusedOps, const D: usize>(grads: &mut GradientsParams, id: ParamId, dtype: DType) {
         if let Some(g) = grads.remove::<B, D>(id) {
             let g = if g.dtype() == dtype { g } else { g.cast(dtype) };
             grads.register(id, g);
         }
     }
-    for (id, d) in param_ids::<B, _>(model) {
+    for (id, d, own) in param_dtypes::<B>(model) {
+        let dtype = dtype.unwrap_or(own);
         match d {
             1 => one::<B::InnerBackend, 1>(&mut grads, id, dtype),
             2 => one::<B::InnerBackend, 2>(&mut grads, id, dtype),
@@ -152,17 +164,40 @@ pub fn cast_grads<B: FusedAutodiff>(model: &Qwen2<B>, mut grads: GradientsParams
     grads
 }
 
+/// The id, rank and dtype of each float parameter.
+fn param_dtypes<B: FusedAutodiff>(model: &Qwen2<B>) -> Vec<(ParamId, usize, DType)> {
+    struct Dtypes(Vec<(ParamId, usize, DType)>);
+    impl<B: FusedAutodiff> burn::module::ModuleVisitor<B> for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push((param.id, D, param.val().dtype()));
+        }
+    }
+    let mut v = Dtypes(vec![]);
+    model.visit(&mut v);
+    v.0
+}
+
 /// The model to train (in `source.dtype`), its tokenizer and config, and its optimiser: with
 /// master weights, the f32 master is read from the checkpoint at full precision before the
 /// bf16 copy is made.
+///
+/// With `lora` the base is loaded in `source.dtype` and frozen, and the adapters (fresh, or
+/// `source.adapter`) are what AdamW trains.
 pub fn init_trainable<B: FusedAutodiff>(
     source: &ModelSource,
     optim: &OptimConfig,
+    lora: Option<&LoraConfig>,
     tokenizer: &Path,
     device: &B::Device,
 ) -> Result<(Qwen2Config, Qwen2<B>, ChatTokenizer, MasterWeights<B>), TrainError> {
     let dtype = parse_dtype(source)?;
-    if !uses_master_weights(optim, dtype)? {
+    if let Some(lora) = lora {
+        uses_master_weights(optim, dtype, true)?;
+        let (config, base, tok) = init_model::<B>(source, tokenizer, device)?;
+        let model = crate::lora::attach(base, source, lora)?;
+        return Ok((config, model, tok, MasterWeights::plain(optim)));
+    }
+    if !uses_master_weights(optim, dtype, false)? {
         let (config, model, tok) = init_model::<B>(source, tokenizer, device)?;
         return Ok((config, model, tok, MasterWeights::plain(optim)));
     }
@@ -175,7 +210,11 @@ pub fn init_trainable<B: FusedAutodiff>(
 /// The weights to resume from checkpoint `dir`: its model, or with master weights its f32
 /// `master/` (a checkpoint without one, e.g. from a pure bf16 run, starts the master from its
 /// bf16 weights, with a warning).
-pub fn resume_weights<B: FusedAutodiff>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
+/// A LoRA run (`current` has adapters) takes the checkpoint's adapters onto its base.
+pub fn resume_weights<B: FusedAutodiff>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, current: &Qwen2<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
+    if current.lora.is_some() {
+        return crate::lora::resume(current, dir);
+    }
     let dtype = parse_dtype(source)?;
     if optim.master.is_none() {
         return Ok(t1_model::load::<B>(dir, dtype, device)?.1);
@@ -225,7 +264,7 @@ mod tests {
         config.initializer_range = 0.08;
         let init: Qwen2<Ad> = Qwen2::init(&config, &device);
         let cfg = OptimConfig { lr: 1e-5, master_weights: master, ..OptimConfig::default() };
-        let (mut model, mut optim) = if uses_master_weights(&cfg, dtype).unwrap() {
+        let (mut model, mut optim) = if uses_master_weights(&cfg, dtype, false).unwrap() {
             MasterWeights::mixed(&cfg, init, dtype)
         } else {
             (leaf(cast(init.valid(), dtype.burn())), MasterWeights::plain(&cfg))
@@ -273,11 +312,11 @@ mod tests {
     #[test]
     fn master_weights_are_refused_with_f32_weights() {
         let cfg = OptimConfig { master_weights: Some(true), ..OptimConfig::default() };
-        let err = uses_master_weights(&cfg, WeightDtype::F32).unwrap_err().to_string();
+        let err = uses_master_weights(&cfg, WeightDtype::F32, false).unwrap_err().to_string();
         assert!(err.contains("optim.master_weights") && err.contains("bf16"), "{err}");
-        assert!(uses_master_weights(&OptimConfig::default(), WeightDtype::Bf16).unwrap());
-        assert!(!uses_master_weights(&OptimConfig::default(), WeightDtype::F32).unwrap());
+        assert!(uses_master_weights(&OptimConfig::default(), WeightDtype::Bf16, false).unwrap());
+        assert!(!uses_master_weights(&OptimConfig::default(), WeightDtype::F32, false).unwrap());
         let off = OptimConfig { master_weights: Some(false), ..OptimConfig::default() };
-        assert!(!uses_master_weights(&off, WeightDtype::Bf16).unwrap());
+        assert!(!uses_master_weights(&off, WeightDtype::Bf16, false).unwrap());
     }
 }

@@ -53,6 +53,42 @@ pub struct Precision {
     pub compute_bytes: u64,
     /// f32 master weights (and f32 moments) beside the compute copy.
     pub master: bool,
+    /// LoRA: the base is frozen and only these f32 adapters have gradients and AdamW state.
+    pub lora: Option<LoraSize>,
+}
+
+/// The size of a run's LoRA adapters on a model shape ([`lora_size`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSize {
+    /// Adapter parameters (all f32).
+    pub params: u64,
+    /// The largest adapter matrix, in values.
+    pub largest: u64,
+    /// Bytes per token per layer the adapters add to the autodiff graph: each adapter's
+    /// `x A` (r f32 values), and its f32 input when the base is not f32 or dropout copies it.
+    pub bytes_per_token: u64,
+}
+
+/// The adapters `cfg` puts on model `c` (t1's LoRA: f32, on the projections it targets).
+pub fn lora_size(c: &Qwen2Config, cfg: &t1_model::LoraConfig, compute_bytes: u64) -> Result<LoraSize, String> {
+    let (h, i, d) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim() as u64);
+    let (q, kv) = (c.num_attention_heads as u64 * d, c.num_key_value_heads as u64 * d);
+    let r = cfg.r as u64;
+    let (mut params, mut largest, mut bytes) = (0u64, 0u64, 0u64);
+    for name in cfg.targets()? {
+        let (fan_in, fan_out) = match name {
+            "q_proj" => (h, q),
+            "k_proj" | "v_proj" => (h, kv),
+            "o_proj" => (q, h),
+            "gate_proj" | "up_proj" => (h, i),
+            _ => (i, h),
+        };
+        params += r * (fan_in + fan_out);
+        largest = largest.max(r * fan_in.max(fan_out));
+        let input_copy = compute_bytes != 4 || cfg.dropout > 0.0;
+        bytes += 4 * r + if input_copy { 4 * fan_in } else { 0 };
+    }
+    Ok(LoraSize { params: params * c.num_hidden_layers as u64, largest, bytes_per_token: bytes })
 }
 
 /// One line of the plan.
@@ -90,15 +126,23 @@ fn layer_values_per_token(c: &Qwen2Config) -> u64 {
 
 /// The memory plan of a run of model `c` (see the module docs for what is counted).
 pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, checkpointing: ActivationCheckpointing) -> MemoryPlan {
-    let p = c.num_parameters() as u64;
+    let base = c.num_parameters() as u64;
     let b = precision.compute_bytes;
-    let state_bytes = if precision.master { 4 } else { b };
+    let lora = precision.lora;
+    // what has gradients and AdamW state: every weight, or the f32 adapters alone
+    let (p, grad_bytes, state_bytes) = match lora {
+        Some(l) => (l.params, 4, 4),
+        None => (base, b, if precision.master { 4 } else { b }),
+    };
     let mut items = vec![];
     let mut add = |name: &str, bytes: u64, detail: String| {
         items.push(PlanItem { name: name.into(), bytes, detail });
         bytes
     };
-    let weights = add("weights", p * b, format!("{p} parameters x {b} bytes"));
+    let mut weights = add("weights", base * b, format!("{base} parameters x {b} bytes{}", if lora.is_some() { ", frozen" } else { "" }));
+    if let Some(l) = lora {
+        weights += add("lora adapters", l.params * 4, format!("{} parameters x 4 bytes (f32)", l.params));
+    }
     let master = if precision.master { add("master weights", p * 4, "f32 copy the optimiser steps".into()) } else { 0 };
     let (rows, len, threads, grad_sets, accumulating) = match *work {
         Workload::Sft { micro_batch, seq_len, threads, grad_accum } => {
@@ -110,22 +154,29 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
             (update_rows as u64, (prompt_len + max_new) as u64, t, t + (t > 1) as u64, false)
         }
     };
-    // the shards' sets and the accumulator are in the compute dtype; with master weights the
-    // summed set is cast to f32 (one parameter at a time) before the step
-    let grad_bytes = b;
+    // the shards' sets and the accumulator are in the compute dtype (the adapters' f32 with
+    // LoRA); with master weights the summed set is cast to f32 (one parameter at a time)
+    // before the step
     let grads = add(
         "gradients",
-        (grad_sets * p * b).max(if precision.master { p * (b + 4) } else { 0 }),
-        format!("{grad_sets} set(s) of {b} bytes: one per shard ({threads} threads){}{}", if grad_sets > threads { " + the accumulator" } else { "" }, if precision.master { ", cast to f32 for the step" } else { "" }),
+        (grad_sets * p * grad_bytes).max(if precision.master { p * (b + 4) } else { 0 }),
+        format!(
+            "{grad_sets} set(s) of {grad_bytes} bytes{}: one per shard ({threads} threads){}{}",
+            if lora.is_some() { " per adapter parameter" } else { "" },
+            if grad_sets > threads { " + the accumulator" } else { "" },
+            if precision.master { ", cast to f32 for the step" } else { "" }
+        ),
     );
-    let optimizer = add("optimizer", 2 * p * state_bytes, format!("AdamW moments, 2 x {state_bytes} bytes per parameter"));
-    let anchor = match work {
-        Workload::Rl { .. } => add("anchor", p * state_bytes, "the KL reference model".into()),
-        Workload::Sft { .. } => 0,
+    let optimizer = add("optimizer", 2 * p * state_bytes, format!("AdamW moments, 2 x {state_bytes} bytes per {}parameter", if lora.is_some() { "adapter " } else { "" }));
+    let anchor = match (work, lora) {
+        (Workload::Rl { .. }, Some(_)) => add("anchor", p * state_bytes, "an EMA of the adapters (the base is shared with the policy)".into()),
+        (Workload::Rl { .. }, None) => add("anchor", p * state_bytes, "the KL reference model".into()),
+        (Workload::Sft { .. }, _) => 0,
     };
     let tokens = rows * len;
     let layers = c.num_hidden_layers as u64;
-    let per_layer = |t: u64| t * layer_values_per_token(c) * b + rows * c.num_attention_heads as u64 * len * len * b;
+    let adapter_bytes = lora.map_or(0, |l| l.bytes_per_token);
+    let per_layer = |t: u64| t * (layer_values_per_token(c) * b + adapter_bytes) + rows * c.num_attention_heads as u64 * len * len * b;
     let kept = layers * per_layer(tokens);
     // layer checkpointing: every layer's input, and one layer's activations being recomputed
     let checkpointed = layers * tokens * c.hidden_size as u64 * b + per_layer(tokens);
@@ -139,7 +190,7 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
     let copies = if matches!(work, Workload::Rl { .. }) { 5 } else { 3 };
     let logits = add("logits", copies * tokens * c.vocab_size as u64 * 4, format!("{tokens} tokens x {} vocab: {copies} f32 copies (logits, log-softmax, gradient{})", c.vocab_size, if copies > 3 { ", entropy" } else { "" }));
     let fixed = weights + master + optimizer + anchor + RUNTIME_BYTES;
-    let largest = (c.vocab_size * c.hidden_size) as u64;
+    let largest = lora.map_or((c.vocab_size * c.hidden_size) as u64, |l| l.largest);
     let step_transient = 3 * largest * state_bytes;
     // the backward pass peaks at its start, when every activation is alive and no gradient
     // yet (with two shards as with one: both are in their backward at once); an earlier
@@ -217,7 +268,7 @@ impl MemoryPlan {
         items.sort_by_key(|i| std::cmp::Reverse(i.bytes));
         let top: Vec<String> = items.iter().take(3).map(|i| format!("{} {}", i.name, human(i.bytes))).collect();
         format!(
-            "largest: {}. To shrink: train.activation_checkpointing = \"layer\" (activations), a smaller micro-batch or sequence length (activations, logits), train.threads = 1 (one gradient set), model.dtype = \"bf16\" (half the weights and activations); LoRA and sharding over GPUs are not available yet",
+            "largest: {}. To shrink: train.activation_checkpointing = \"layer\" (activations), a smaller micro-batch or sequence length (activations, logits), train.threads = 1 (one gradient set), model.dtype = \"bf16\" (half the weights and activations), [lora] (gradients and AdamW for the adapters alone); sharding over GPUs is not available yet",
             top.join(", ")
         )
     }
@@ -234,18 +285,24 @@ pub fn model_shape(source: &ModelSource, tokenizer: &Path) -> Result<Qwen2Config
     Ok(Qwen2Config::from_file(&source.checkpoint.join(t1_model::hf::CONFIG_FILE))?)
 }
 
-fn precision(source: &ModelSource, optim: &OptimConfig) -> Result<Precision, TrainError> {
+fn precision(source: &ModelSource, optim: &OptimConfig, lora: Option<&t1_model::LoraConfig>, shape: &Qwen2Config) -> Result<Precision, TrainError> {
     let dtype = WeightDtype::parse(&source.dtype)
         .ok_or_else(|| TrainError::Config { origin: "model.dtype".into(), message: format!("{:?}: use \"f32\" or \"bf16\"", source.dtype) })?;
-    let master = crate::master::uses_master_weights(optim, dtype)?;
-    Ok(Precision { compute_bytes: if dtype == WeightDtype::F32 { 4 } else { 2 }, master })
+    let lora = crate::lora::run_lora(source, lora)?;
+    let master = crate::master::uses_master_weights(optim, dtype, lora.is_some())?;
+    let compute_bytes = if dtype == WeightDtype::F32 { 4 } else { 2 };
+    let lora = match lora {
+        Some(l) => Some(lora_size(shape, &l, compute_bytes).map_err(|m| TrainError::Config { origin: "[lora]".into(), message: m })?),
+        None => None,
+    };
+    Ok(Precision { compute_bytes, master, lora })
 }
 
 /// The plan of an SFT run (micro-batches of `train.batch_size` × `data.max_len`).
 pub fn sft_plan(cfg: &SftConfig, shape: &Qwen2Config) -> Result<MemoryPlan, TrainError> {
     let t = &cfg.train;
     let work = Workload::Sft { micro_batch: t.batch_size, seq_len: cfg.data.max_len, threads: t.threads, grad_accum: t.grad_accum };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work, t.activation_checkpointing))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape)?, &work, t.activation_checkpointing))
 }
 
 /// The plan of an RL run whose longest prompt has `prompt_len` tokens.
@@ -259,7 +316,7 @@ pub fn rl_plan(cfg: &RlConfig, shape: &Qwen2Config, prompt_len: usize) -> Result
         update_rows: samples.div_ceil(cfg.loss.minibatches.max(1)),
         threads: cfg.train.threads,
     };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim)?, &work, cfg.train.activation_checkpointing))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape)?, &work, cfg.train.activation_checkpointing))
 }
 
 /// The longest prompt of an RL run's problems, in tokens (chat-formatted).
@@ -324,7 +381,7 @@ mod tests {
     fn counts_follow_the_settings() {
         let c = qwen05();
         assert_eq!(c.num_parameters(), 494_032_768, "Qwen2.5-0.5B's parameter count");
-        let f32 = Precision { compute_bytes: 4, master: false };
+        let f32 = Precision { compute_bytes: 4, master: false, lora: None };
         let sft = |threads, grad_accum| Workload::Sft { micro_batch: 2, seq_len: 256, threads, grad_accum };
         let get = |plan: &MemoryPlan, name: &str| plan.items.iter().find(|i| i.name == name).map(|i| i.bytes).unwrap_or(0);
         let one = memory_plan(&c, f32, &sft(1, 1), ActivationCheckpointing::None);
@@ -342,7 +399,7 @@ mod tests {
         assert_eq!(act(4, 256), 2 * act(2, 256));
         assert!(act(2, 512) > 2 * act(2, 256));
         // bf16 with master weights: half the weights and activations, f32 master, moments and gradients
-        let mixed = memory_plan(&c, Precision { compute_bytes: 2, master: true }, &sft(1, 1), ActivationCheckpointing::None);
+        let mixed = memory_plan(&c, Precision { compute_bytes: 2, master: true, lora: None }, &sft(1, 1), ActivationCheckpointing::None);
         assert_eq!(get(&mixed, "weights"), 2 * p);
         assert_eq!(get(&mixed, "master weights"), 4 * p);
         assert_eq!(get(&mixed, "optimizer"), 8 * p);

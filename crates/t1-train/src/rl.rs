@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use t1_algo::{advantages, aggregate, center_leave_one_out, kl, policy_loss, token_entropy, token_logprobs, AggMode, Anchor, Baseline, KlEstimator, Normalizer};
 use t1_data::{ChatTokenizer, OnBadLine, Problem};
-use t1_model::{Inputs, Qwen2, WeightDtype};
+use t1_model::{Inputs, LoraConfig, Qwen2, WeightDtype};
 use t1_reward::{GraderConfig, PenaltyConfig};
 
 use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
@@ -51,6 +51,9 @@ pub struct RlConfig {
     pub anchor: Anchor,
     pub optim: OptimConfig,
     pub train: RlTrain,
+    /// LoRA (`[lora]`): train f32 adapters on a frozen base; the anchor is then an EMA of the
+    /// adapters (a frozen anchor is the base alone) and shares the base's weights.
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +171,7 @@ impl Default for RlConfig {
             anchor: Anchor::Ema { beta: 0.99, every: 1 },
             optim: OptimConfig { lr: 1.5e-6, warmup_steps: 0, min_lr_ratio: 1.0, ..OptimConfig::default() },
             train: RlTrain::default(),
+            lora: None,
         }
     }
 }
@@ -253,7 +257,9 @@ impl RlConfig {
         let Some(dtype) = WeightDtype::parse(&self.model.dtype) else {
             return bad("model.dtype must be f32 or bf16".into());
         };
-        crate::master::uses_master_weights(&self.optim, dtype)?;
+        let lora = self.lora.is_some() || !self.model.adapter.as_os_str().is_empty();
+        crate::master::uses_master_weights(&self.optim, dtype, lora)?;
+        crate::lora::check_dropout(self.lora.as_ref(), self.train.activation_checkpointing)?;
         Ok(())
     }
 }
@@ -291,10 +297,15 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
-    let (model_config, mut policy, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, &cfg.data.tokenizer, device)?;
+    let lora = crate::lora::run_lora(&cfg.model, cfg.lora.as_ref())?;
+    let (model_config, mut policy, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
     // the anchor follows the f32 master when there is one (a bf16 EMA at beta 0.99 would
-    // round most of its moves away); its log-probs are taken in the policy's dtype
+    // round most of its moves away); its log-probs are taken in the policy's dtype. With LoRA
+    // it shares the policy's frozen base, and a frozen anchor is the base alone.
     let mut reference: Qwen2<B::InnerBackend> = optim.weights(&policy);
+    if cfg.anchor == Anchor::Frozen {
+        reference.lora = None;
+    }
     let compute = policy.dtype();
     let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
     let loaded = t1_data::read_problems(&cfg.data.train, on_bad)?;
@@ -308,9 +319,16 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     if resume {
         if let Some(dir) = common::list_checkpoints(&cfg.out_dir).last() {
-            policy = crate::master::resume_weights(dir, &cfg.model, &mut optim, device)?;
-            let anchor_dtype = if optim.master().is_some() { WeightDtype::F32 } else { WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32) };
-            reference = t1_model::load::<B::InnerBackend>(&dir.join("reference"), anchor_dtype, device)?.1;
+            policy = crate::master::resume_weights(dir, &cfg.model, &mut optim, &policy, device)?;
+            let saved = dir.join("reference");
+            reference = if policy.lora.is_some() {
+                let mut base = policy.valid();
+                base.lora = None;
+                if t1_model::lora::is_adapter_dir(&saved) { t1_model::load_adapter(base, &saved)? } else { base }
+            } else {
+                let anchor_dtype = if optim.master().is_some() { WeightDtype::F32 } else { WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32) };
+                t1_model::load::<B::InnerBackend>(&saved, anchor_dtype, device)?.1
+            };
             (optim, state) = common::load_resume_state(dir, optim, device)?;
             eprintln!("resuming from {} at step {}", dir.display(), state.step);
         } else {
@@ -368,6 +386,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
         let adv = compute_advantages(cfg, &samples, &kl_seq);
         // 4. updates
+        crate::lora::seed_dropout::<B>(&policy, device, t.seed, state.step);
         let (next, u) = update_policy(cfg, policy, &mut optim, &batch, &old_logp, &ref_logp, &adv, lr, &mut rng);
         policy = next;
         let (clip_sum, ent_sum, loss_sum, n_updates, bad_updates) = (u.clip_sum, u.entropy_sum, u.loss_sum, u.updates, u.skipped);
@@ -386,7 +405,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         }
         state.step += 1;
         // 5. the dynamic anchor (it stays where it was after a skipped step)
-        reference = advance_anchor(cfg.anchor, reference, &optim.weights(&policy), state.step, bad);
+        reference = advance_reference(cfg.anchor, reference, &optim.weights(&policy), state.step, bad);
         state.rng_word_pos = rng.get_word_pos();
         let n = samples.len() as f32;
         let mean = |f: &dyn Fn(&Sample) -> f32| samples.iter().map(f).sum::<f32>() / n;
@@ -425,7 +444,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     }
     bar.finish();
     let final_dir = cfg.out_dir.join("final");
-    t1_model::save(&policy.valid(), &model_config, &final_dir, &Default::default())?;
+    common::save_model_dir(&policy.valid(), &model_config, &final_dir)?;
     tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
     let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, initial_sampled_accuracy, final_sampled_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
     metrics.log(&json!({"event": "end", "summary": summary}));
@@ -601,6 +620,22 @@ fn advance_anchor<B: FusedOps, M: burn::module::Module<B>>(anchor: Anchor, refer
         Anchor::Ema { beta, every } if step % every == 0 => t1_algo::ema_update(reference, policy, beta),
         Anchor::Reset { every } if step % every == 0 => policy.clone(),
         _ => reference,
+    }
+}
+
+/// [`advance_anchor`] on the anchor model: with LoRA on the adapters alone (the base is the
+/// policy's, shared), and a LoRA run's frozen anchor (the base alone) stays as it is.
+fn advance_reference<B: FusedOps>(anchor: Anchor, mut reference: Qwen2<B>, policy: &Qwen2<B>, step: usize, skipped: bool) -> Qwen2<B> {
+    match (reference.lora.take(), &policy.lora) {
+        (Some(adapters), Some(theta)) => {
+            reference.lora = Some(advance_anchor(anchor, adapters, theta, step, skipped));
+            reference
+        }
+        (None, Some(_)) => reference,
+        (adapters, None) => {
+            reference.lora = adapters;
+            advance_anchor(anchor, reference, policy, step, skipped)
+        }
     }
 }
 

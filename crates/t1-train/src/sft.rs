@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use t1_algo::{masked_mean, token_logprobs};
 use t1_data::{pad_batch, ChatTokenizer, OnBadLine, Problem, SftBatch, TokenizedExample};
-use t1_model::{Inputs, Qwen2, WeightDtype};
+use t1_model::{Inputs, LoraConfig, Qwen2, WeightDtype};
 
 use crate::checkpoint::ActivationCheckpointing;
 use crate::common::{self, lr_at, scalar, Metrics, ModelSource, OptimConfig, TrainerState};
@@ -35,6 +35,8 @@ pub struct SftConfig {
     pub data: SftData,
     pub optim: OptimConfig,
     pub train: SftTrain,
+    /// LoRA (`[lora]`): train f32 adapters on a frozen base instead of every weight.
+    pub lora: Option<LoraConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +96,7 @@ impl Default for SftConfig {
             data: SftData::default(),
             optim: OptimConfig::default(),
             train: SftTrain::default(),
+            lora: None,
         }
     }
 }
@@ -149,7 +152,9 @@ impl SftConfig {
         let Some(dtype) = WeightDtype::parse(&self.model.dtype) else {
             return bad("model.dtype must be f32 or bf16");
         };
-        crate::master::uses_master_weights(&self.optim, dtype)?;
+        let lora = self.lora.is_some() || !self.model.adapter.as_os_str().is_empty();
+        crate::master::uses_master_weights(&self.optim, dtype, lora)?;
+        crate::lora::check_dropout(self.lora.as_ref(), self.train.activation_checkpointing)?;
         Ok(())
     }
 }
@@ -262,7 +267,8 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     cfg.validate()?;
     let t = &cfg.train;
     B::seed(device, t.seed);
-    let (model_config, mut model, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, &cfg.data.tokenizer, device)?;
+    let lora = crate::lora::run_lora(&cfg.model, cfg.lora.as_ref())?;
+    let (model_config, mut model, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
     if cfg.data.max_len > model_config.max_position_embeddings {
         return Err(TrainError::Config {
             origin: "data.max_len".into(),
@@ -295,7 +301,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     if resume {
         match common::list_checkpoints(&cfg.out_dir).last() {
             Some(dir) => {
-                model = crate::master::resume_weights(dir, &cfg.model, &mut optim, device)?;
+                model = crate::master::resume_weights(dir, &cfg.model, &mut optim, &model, device)?;
                 (optim, state) = common::load_resume_state(dir, optim, device)?;
                 eprintln!("resuming from {} at step {}", dir.display(), state.step);
             }
@@ -305,7 +311,8 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     // every input was read and checked: only now is anything written
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
-    metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "train_examples": train.len(), "steps": total, "resumed_at": state.step}));
+    let trainable = model.lora.as_ref().map_or(model_config.num_parameters(), |l| l.num_params());
+    metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "trainable_params": trainable, "train_examples": train.len(), "steps": total, "resumed_at": state.step}));
 
     let bar = common::progress(total, state.step, "sft");
     let started = Instant::now();
@@ -332,6 +339,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
             micro.push(shards);
         }
         tokens_seen += micro.iter().flatten().map(|b| b.attention.iter().filter(|&&a| a).count()).sum::<usize>();
+        crate::lora::seed_dropout::<B>(&model, device, t.seed, state.step);
         let (grads, step_loss) = step_grads(&model, micro, t.activation_checkpointing);
         let (grads, norm) = common::clip_global_norm(&model, grads, cfg.optim.grad_clip);
         if !step_loss.is_finite() || !norm.is_finite() {
@@ -375,7 +383,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     }
     bar.finish();
     let final_dir = cfg.out_dir.join("final");
-    t1_model::save(&model.valid(), &model_config, &final_dir, &Default::default())?;
+    common::save_model_dir(&model.valid(), &model_config, &final_dir)?;
     tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
     let wall = started.elapsed().as_secs_f32();
     let summary = SftSummary {

@@ -1,0 +1,252 @@
+//! LoRA against PEFT: adapters PEFT made (tests/fixtures/make_lora.py) give PEFT's logits,
+//! merged logits and LoRA gradients in t1, an adapter t1 trained gives t1's logits in PEFT
+//! (tests/fixtures/check_peft.py, run at test time), and bad adapters are errors that name
+//! the module.
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsParams, Optimizer};
+use burn::tensor::{Int, Tensor, TensorData};
+use t1_model::{Inputs, LoraConfig, Qwen2, Qwen2Config, WeightDtype};
+
+use crate::common::*;
+use crate::model::{f32_logit_bound, F32_ROUNDOFF};
+
+/// The PEFT adapters of the fixtures and their bases.
+const ADAPTERS: [(&str, &str); 2] = [("lora-gqa", "qwen2-gqa"), ("lora-tied-rslora", "qwen2-tied")];
+
+fn peft_reference(adapter: &str) -> (Vec<u8>, Reference) {
+    let bytes = std::fs::read(fixture(adapter).join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = st.tensor("input_ids").unwrap();
+    let r = Reference { batch: ids.shape()[0], len: ids.shape()[1], ids: i64s(&ids), logits: f32s(&st.tensor("logits").unwrap()) };
+    (bytes, r)
+}
+
+fn tensor(bytes: &[u8], name: &str) -> Vec<f32> {
+    f32s(&safetensors::SafeTensors::deserialize(bytes).unwrap().tensor(name).unwrap_or_else(|e| panic!("{name}: {e}")))
+}
+
+fn base<B: t1_model::FusedOps>(name: &str) -> (Qwen2Config, Qwen2<B>) {
+    t1_model::load::<B>(&fixture(name), WeightDtype::F32, &Default::default()).unwrap()
+}
+
+fn logits<B: t1_model::FusedOps>(model: &Qwen2<B>, r: &Reference) -> Vec<f32> {
+    to_vec(model.forward(&Inputs::dense(r.batch, r.len, r.ids.clone()), None))
+}
+
+/// Bound for logits through an adapted model: the base's f32 bound, with the adapter's rank
+/// added to each projection's chain of sums (x A sums over `in`, (x A) B over r).
+fn bound(config: &Qwen2Config, scale: f32) -> f32 {
+    2.0 * f32_logit_bound(config, scale)
+}
+
+#[test]
+fn peft_adapters_give_peft_logits_unmerged_and_merged() {
+    for (adapter, base_name) in ADAPTERS {
+        let (config, model) = base::<FlexInner>(base_name);
+        let (bytes, r) = peft_reference(adapter);
+        let base_logits = logits(&model, &r);
+        let model = t1_model::load_adapter(model, &fixture(adapter)).unwrap();
+        let got = logits(&model, &r);
+        let b = bound(&config, max_abs(&r.logits));
+        let diff = max_abs_diff(&got, &r.logits);
+        let moved = max_abs_diff(&base_logits, &r.logits);
+        println!("{adapter}: max |logit diff| vs PEFT {diff:.3e} (bound {b:.3e}); the adapter moves the logits by {moved:.3e}");
+        assert!(diff <= b, "{adapter}: {diff:.3e} > {b:.3e}");
+        assert!(moved > 100.0 * b, "{adapter}: the adapter hardly moves the logits ({moved:.3e}): the test could not see a dropped adapter");
+        // merged: W + s·A B, as PEFT's merge_and_unload
+        let merged = model.merge_lora();
+        assert!(merged.lora.is_none());
+        let want = tensor(&bytes, "merged_logits");
+        let diff = max_abs_diff(&logits(&merged, &r), &want);
+        println!("{adapter}: merged: max |logit diff| vs PEFT's merge_and_unload {diff:.3e}");
+        assert!(diff <= b, "{adapter} merged: {diff:.3e} > {b:.3e}");
+    }
+}
+
+/// The LoRA gradients of the mean next-token NLL against PyTorch through PEFT (base frozen).
+#[test]
+fn lora_gradients_match_peft() {
+    for (adapter, base_name) in ADAPTERS {
+        let device = Default::default();
+        let (config, model) = base::<Flex>(base_name);
+        let model = t1_train::lora::trainable(t1_model::load_adapter(model, &fixture(adapter)).unwrap());
+        let (bytes, r) = peft_reference(adapter);
+        let (b, t) = (r.batch, r.len - 1);
+        let ids: Vec<i64> = (0..b).flat_map(|row| r.ids[row * r.len..row * r.len + t].to_vec()).collect();
+        let targets: Vec<i64> = (0..b).flat_map(|row| r.ids[row * r.len + 1..(row + 1) * r.len].to_vec()).collect();
+        let out = model.forward(&Inputs::dense(b, t, ids), None);
+        let tg = Tensor::<Flex, 2, Int>::from_data(TensorData::new(targets, [b, t]), &device);
+        let loss = t1_algo::token_logprobs(out, tg).mean().neg();
+        let value = to_vec(loss.clone())[0];
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let want_loss = tensor(&bytes, "loss")[0];
+        assert!((value - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0), "{adapter}: loss {value} vs PEFT {want_loss}");
+        // only the adapters have gradients: the base is frozen
+        assert_eq!(grads.len(), model.lora.as_ref().unwrap().peft_tensors().len(), "{adapter}: gradients exist for the adapters only");
+        let lora = model.lora.as_ref().unwrap();
+        let bound = (2 * (config.num_hidden_layers * (config.hidden_size + config.intermediate_size) + config.hidden_size) + b * t + config.vocab_size) as f32 * F32_ROUNDOFF;
+        let mut worst = 0f32;
+        for (l, layer) in lora.layers.iter().enumerate() {
+            for (name, pair) in [("q_proj", &layer.q_proj), ("k_proj", &layer.k_proj), ("v_proj", &layer.v_proj), ("o_proj", &layer.o_proj), ("gate_proj", &layer.gate_proj), ("up_proj", &layer.up_proj), ("down_proj", &layer.down_proj)] {
+                let Some(pair) = pair else { continue };
+                let block = if name.starts_with(['q', 'k', 'v', 'o']) { "self_attn" } else { "mlp" };
+                for (which, p) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+                    let key = format!("grad.base_model.model.model.layers.{l}.{block}.{name}.{which}.weight");
+                    let want = tensor(&bytes, &key);
+                    // t1 holds A [in, r] and B [r, out]; PEFT's are the transposes
+                    let g = grads.get::<FlexInner, 2>(p.id).unwrap_or_else(|| panic!("{key}: no gradient"));
+                    let got = to_vec(g.transpose());
+                    let rel = max_rel_diff(&want, &got, f32::MIN_POSITIVE);
+                    assert!(max_abs(&want) > 0.0, "{key}: all-zero reference");
+                    assert!(rel <= bound, "{adapter} {key}: relative diff {rel:.3e} > {bound:.3e}");
+                    worst = worst.max(rel);
+                }
+            }
+        }
+        println!("{adapter}: loss {value} vs PEFT {want_loss}; LoRA gradients: worst max |diff| / max |grad| {worst:.3e} (bound {bound:.3e})");
+    }
+}
+
+#[test]
+fn a_fresh_adapter_follows_peft_init_and_changes_nothing() {
+    let (_, model) = base::<FlexInner>("qwen2-gqa");
+    let r = reference("qwen2-gqa");
+    let before = logits(&model, &r);
+    let cfg = LoraConfig { r: 8, alpha: 16.0, ..LoraConfig::default() };
+    let model = model.with_new_lora(&cfg, "qwen2-gqa").unwrap();
+    let lora = model.lora.as_ref().unwrap();
+    let q = lora.layers[0].q_proj.as_ref().unwrap();
+    let a = to_vec(q.a.val());
+    let fan_in = q.a.dims()[0] as f32;
+    // Kaiming-uniform with a = √5: U(−1/√in, 1/√in), which fills the range
+    assert!(a.iter().all(|x| x.abs() <= 1.0 / fan_in.sqrt()));
+    assert!(max_abs(&a) > 0.8 / fan_in.sqrt(), "A is not spread over Kaiming's range");
+    assert!(to_vec(q.b.val()).iter().all(|&x| x == 0.0), "B starts at zero");
+    assert_eq!(q.scale, 2.0);
+    assert_eq!(same_bits(&logits(&model, &r), &before), true, "a fresh adapter changed the logits");
+    let rs = LoraConfig { r: 16, alpha: 8.0, use_rslora: true, ..LoraConfig::default() };
+    assert_eq!(rs.scale(), 2.0, "rsLoRA scales by alpha / sqrt(r)");
+}
+
+/// An adapter t1 trains (AdamW on the adapters of a frozen base, t1's SFT step) and saves, loaded
+/// by PEFT onto the base with transformers: PEFT's logits equal t1's.
+#[test]
+fn peft_loads_an_adapter_t1_trained_with_the_same_logits() {
+    let python = std::env::var("T1_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", "import torch, transformers, peft"]).output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "`{python}` cannot import torch, transformers and peft: pip install torch transformers peft safetensors (as .ci/run does), or set T1_PYTHON"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cases = vec![];
+    let mut expected = vec![];
+    for (base_name, cfg) in [
+        ("qwen2-gqa", LoraConfig { r: 4, alpha: 8.0, ..LoraConfig::default() }),
+        ("qwen2-tied", LoraConfig { r: 2, alpha: 3.0, use_rslora: true, target_modules: vec!["k_proj".into(), "o_proj".into(), "up_proj".into()], ..LoraConfig::default() }),
+    ] {
+        let (config, model) = base::<Flex>(base_name);
+        let source = t1_train::common::ModelSource { checkpoint: fixture(base_name), ..Default::default() };
+        let mut model = t1_train::lora::attach(model, &source, &cfg).unwrap();
+        let r = reference(base_name);
+        let opt_cfg = t1_train::common::OptimConfig { lr: 5e-2, ..Default::default() };
+        let mut optim = t1_train::master::MasterWeights::plain(&opt_cfg);
+        let examples: Vec<t1_data::TokenizedExample> = r.ids.chunks(r.len).map(|row| t1_data::TokenizedExample { ids: row.iter().map(|&i| i as u32).collect(), loss_mask: vec![true; r.len] }).collect();
+        let batch = t1_data::pad_batch(&examples.iter().collect::<Vec<_>>(), 0);
+        let mut losses = vec![];
+        for _ in 0..5 {
+            let (grads, loss) = t1_train::sft::step_grads(&model, vec![vec![batch.clone()]], t1_train::checkpoint::ActivationCheckpointing::None);
+            losses.push(loss);
+            model = optim.step(opt_cfg.lr, model, grads);
+        }
+        assert!(losses[4] < losses[0], "{base_name}: t1's LoRA steps did not lower the loss: {losses:?}");
+        let dir = tmp.path().join(format!("{base_name}-adapter"));
+        t1_model::save_adapter(&model.valid(), &dir).unwrap();
+        let got = logits(&model.valid(), &r);
+        let base_logits = logits(&base::<FlexInner>(base_name).1, &r);
+        assert!(max_abs_diff(&got, &base_logits) > 1e-2, "{base_name}: training did not move the logits");
+        let out = tmp.path().join(format!("{base_name}-peft.safetensors"));
+        cases.push(serde_json::json!({"base": fixture(base_name), "adapter": dir, "input_ids": r.ids.chunks(r.len).collect::<Vec<_>>(), "out": out}));
+        expected.push((base_name, config, cfg, got, out));
+    }
+    let manifest = tmp.path().join("cases.json");
+    std::fs::write(&manifest, serde_json::to_string(&cases).unwrap()).unwrap();
+    let o = Command::new(&python).arg(fixture("check_peft.py")).arg(&manifest).output().unwrap();
+    assert!(o.status.success(), "check_peft.py failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    for (name, config, cfg, got, out) in expected {
+        let bytes = std::fs::read(&out).unwrap();
+        let want = tensor(&bytes, "logits");
+        let diff = max_abs_diff(&got, &want);
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}.json", out.display())).unwrap()).unwrap();
+        println!("{name}: PEFT read {info}; max |logit diff| t1 vs PEFT {diff:.3e}");
+        assert!(diff <= 1e-4, "{name}: PEFT's logits of t1's adapter differ by {diff:.3e} > 1e-4");
+        assert_eq!(info["r"], cfg.r);
+        let targets = cfg.targets().unwrap();
+        assert_eq!(info["lora_tensors"].as_u64().unwrap() as usize, 2 * targets.len() * config.num_hidden_layers, "{name}: PEFT loaded {info}");
+        let mut sorted: Vec<&str> = targets.clone();
+        sorted.sort();
+        assert_eq!(info["target_modules"], serde_json::json!(sorted));
+    }
+}
+
+fn adapter_error(base_name: &str, dir: &Path) -> String {
+    let (_, model) = base::<FlexInner>(base_name);
+    let err = t1_model::read_adapter(&model, dir).unwrap_err().to_string();
+    assert!(err.contains(&dir.display().to_string()), "the error names the adapter directory: {err}");
+    err
+}
+
+/// A copy of the lora-gqa fixture with its config edited by `edit` and its tensors by `keep`.
+fn edited(tmp: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value), keep: impl Fn(&str) -> bool) -> std::path::PathBuf {
+    let dir = tmp.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("lora-gqa").join("adapter_config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(fixture("lora-gqa").join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(n, _)| keep(n)).collect();
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(kept, None).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn bad_adapters_are_errors_that_name_the_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    // made for another base: lora-gqa (hidden 32) on qwen2-sharded (hidden 48, 3 layers)
+    let err = adapter_error("qwen2-sharded", &fixture("lora-gqa"));
+    assert!(err.contains("model.layers.0.self_attn.q_proj") && err.contains("another base"), "{err}");
+    // a missing matrix
+    let dir = edited(tmp.path(), "missing", |_| {}, |n| !n.contains("layers.1.mlp.up_proj.lora_B"));
+    let err = adapter_error("qwen2-gqa", &dir);
+    assert!(err.contains("model.layers.1.mlp.up_proj") && err.contains("missing"), "{err}");
+    // a module outside target_modules (the adapter holds more than its config says)
+    let dir = edited(tmp.path(), "extra", |c| c["target_modules"] = serde_json::json!(["q_proj"]), |_| true);
+    let err = adapter_error("qwen2-gqa", &dir);
+    assert!(err.contains("model.layers.0.mlp.down_proj is not a targeted projection") && err.contains("unused"), "{err}");
+    // an unknown target module
+    let dir = edited(tmp.path(), "unknown", |c| c["target_modules"] = serde_json::json!(["q_proj", "qkv_proj"]), |_| true);
+    let err = adapter_error("qwen2-gqa", &dir);
+    assert!(err.contains("qkv_proj") && err.contains("q_proj k_proj"), "{err}");
+    // r = 0
+    let dir = edited(tmp.path(), "rank0", |c| c["r"] = 0.into(), |_| true);
+    assert!(adapter_error("qwen2-gqa", &dir).contains("r = 0"));
+    // variants t1 does not implement
+    for (key, value) in [("use_dora", serde_json::json!(true)), ("bias", serde_json::json!("all")), ("rank_pattern", serde_json::json!({"q_proj": 8})), ("modules_to_save", serde_json::json!(["lm_head"]))] {
+        let dir = edited(tmp.path(), key, |c| c[key] = value.clone(), |_| true);
+        let err = adapter_error("qwen2-gqa", &dir);
+        assert!(err.contains(key) && err.contains("does not implement"), "{key}: {err}");
+    }
+    let dir = edited(tmp.path(), "ia3", |c| c["peft_type"] = "IA3".into(), |_| true);
+    assert!(adapter_error("qwen2-gqa", &dir).contains("LoRA adapters only"));
+    // configs: r = 0 and unknown modules in [lora]
+    assert!(LoraConfig { r: 0, ..LoraConfig::default() }.validate().unwrap_err().contains("lora.r = 0"));
+    let bad = LoraConfig { target_modules: vec!["lm_head".into()], ..LoraConfig::default() };
+    assert!(bad.validate().unwrap_err().contains("\"lm_head\""));
+    let err = t1_train::load_config::<t1_train::sft::SftConfig>(None, &["lora.rank=8".into()]).unwrap_err().to_string();
+    assert!(err.contains("rank"), "{err}");
+}
