@@ -250,3 +250,65 @@ fn bad_adapters_are_errors_that_name_the_module() {
     let err = t1_train::load_config::<t1_train::sft::SftConfig>(None, &["lora.rank=8".into()]).unwrap_err().to_string();
     assert!(err.contains("rank"), "{err}");
 }
+
+/// `t1 logits --adapter`, `t1 logits` on an adapter directory (its base from
+/// base_model_name_or_path, as PEFT's AutoPeftModelForCausalLM), and `t1 merge`, whose output
+/// transformers loads with PEFT's merged logits.
+#[test]
+fn cli_applies_and_merges_adapters() {
+    use crate::cli::{stderr, t1};
+    let tmp = tempfile::tempdir().unwrap();
+    let (base_dir, adapter) = (fixture("qwen2-gqa"), fixture("lora-gqa"));
+    let (config, _) = base::<FlexInner>("qwen2-gqa");
+    let (bytes, r) = peft_reference("lora-gqa");
+    let vocab = config.vocab_size;
+    let ids: Vec<String> = r.ids[..r.len].iter().map(|i| i.to_string()).collect();
+    let out = tmp.path().join("logits.safetensors");
+    let row0 = |logits: &[f32]| logits[..r.len * vocab].to_vec();
+    let b = bound(&config, max_abs(&r.logits));
+    let read = |path: &Path| f32s(&safetensors::SafeTensors::deserialize(&std::fs::read(path).unwrap()).unwrap().tensor("logits").unwrap());
+    // an adapter directory whose config names its base by an absolute path
+    let by_path = tmp.path().join("adapter");
+    std::fs::create_dir_all(&by_path).unwrap();
+    std::fs::copy(adapter.join("adapter_model.safetensors"), by_path.join("adapter_model.safetensors")).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    meta["base_model_name_or_path"] = base_dir.to_str().unwrap().into();
+    std::fs::write(by_path.join("adapter_config.json"), meta.to_string()).unwrap();
+    for args in [vec!["--model", base_dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()], vec!["--model", by_path.to_str().unwrap()]] {
+        let mut all = vec!["logits", "--ids"];
+        let joined = ids.join(",");
+        all.push(&joined);
+        all.extend(["--out", out.to_str().unwrap()]);
+        all.extend(args.iter().copied());
+        let o = t1(&all);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let diff = max_abs_diff(&read(&out), &row0(&r.logits));
+        assert!(diff <= b, "{args:?}: max |logit diff| vs PEFT {diff:.3e} > {b:.3e}");
+    }
+    // merge, in the base's dtype and in bf16; transformers loads both
+    let merged = tmp.path().join("merged");
+    let o = t1(&["merge", "--model", base_dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t1(&["merge", "--model", base_dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("already holds a model"), "{}", stderr(&o));
+    let merged_bf16 = tmp.path().join("merged-bf16");
+    let o = t1(&["merge", "--model", base_dir.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", merged_bf16.to_str().unwrap(), "--dtype", "bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dtype = |d: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()["torch_dtype"].clone();
+    assert_eq!((dtype(&merged), dtype(&merged_bf16)), ("float32".into(), "bfloat16".into()));
+    let python = std::env::var("T1_PYTHON").unwrap_or_else(|_| "python3".into());
+    let rows: Vec<&[i64]> = r.ids.chunks(r.len).collect();
+    let cases = serde_json::json!([{"dir": merged, "input_ids": rows, "out": tmp.path().join("merged.out")}]);
+    let manifest = tmp.path().join("cases.json");
+    std::fs::write(&manifest, cases.to_string()).unwrap();
+    let o = Command::new(&python).arg(fixture("check_saved.py")).arg(&manifest).output().unwrap();
+    assert!(o.status.success(), "check_saved.py: {}", String::from_utf8_lossy(&o.stderr));
+    let st_bytes = std::fs::read(tmp.path().join("merged.out")).unwrap();
+    let got = f32s(&safetensors::SafeTensors::deserialize(&st_bytes).unwrap().tensor("logits_f32").unwrap());
+    let diff = max_abs_diff(&got, &tensor(&bytes, "merged_logits"));
+    println!("t1 merge loaded by transformers: max |logit diff| vs PEFT's merge_and_unload {diff:.3e} (bound {b:.3e})");
+    assert!(diff <= b, "{diff:.3e} > {b:.3e}");
+    // an adapter for another base is refused and names the module
+    let o = t1(&["logits", "--model", fixture("qwen2-sharded").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--ids", "1,2", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("model.layers.0.self_attn.q_proj"), "{}", stderr(&o));
+}

@@ -368,3 +368,108 @@ fn layer_checkpointing_gives_the_same_gradients_on_wgpu() {
     println!("wgpu: checkpointed vs kept gradients differ by at most {worst:.3e} of a parameter's largest entry");
     assert!(worst <= 1e-6, "{worst:e}");
 }
+
+/// The PEFT adapter of a LoRA checkpoint or final/ directory, as t1 reads it onto `base`.
+fn adapter_params(base: &Path, dir: &Path) -> Vec<Vec<f32>> {
+    let model = t1_model::load_adapter(load(base), dir).unwrap();
+    params(model.lora.as_ref().unwrap())
+}
+
+#[test]
+fn lora_sft_trains_only_the_adapters_and_resumes_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    tiny_task(data.path());
+    let run = tempfile::tempdir().unwrap();
+    let base_out = run.path().join("base");
+    t1_train::sft::run_sft::<Flex>(&sft_config(data.path(), &base_out, 2), "", false, &Default::default()).unwrap();
+    let base = base_out.join("final");
+    let base_bytes = std::fs::read(base.join("model.safetensors")).unwrap();
+
+    let out = run.path().join("lora");
+    let mut cfg = sft_config(data.path(), &out, 4);
+    cfg.model.checkpoint = base.clone();
+    // dropout too: its masks are reseeded per step, so resume stays exact with one shard
+    cfg.lora = Some(t1_model::LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() });
+    t1_train::sft::run_sft::<Flex>(&cfg, "", false, &Default::default()).unwrap();
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect();
+    assert!(losses[3] < losses[0], "LoRA SFT did not lower the loss: {losses:?}");
+    // checkpoints and final/ are PEFT adapters, not models
+    for dir in [out.join("checkpoint-000002"), out.join("final")] {
+        assert!(dir.join("adapter_config.json").exists() && dir.join("adapter_model.safetensors").exists(), "{}", dir.display());
+        assert!(!dir.join("model.safetensors").exists(), "{} holds the base", dir.display());
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((meta["peft_type"].as_str(), meta["r"].as_u64(), meta["base_model_name_or_path"].as_str()), (Some("LORA"), Some(4), Some(base.to_str().unwrap())));
+    assert_eq!(std::fs::read(base.join("model.safetensors")).unwrap(), base_bytes, "the base checkpoint was written to");
+    // B started at zero and moved: the adapters were trained
+    let trained = adapter_params(&base, &out.join("final"));
+    assert!(trained.iter().skip(1).step_by(2).all(|b| b.iter().any(|&x| x != 0.0)), "some lora_B never moved");
+    let start = t1_model::hf::named_tensors(&load(&base));
+    // the run's metrics count the adapters as what is trained
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["trainable_params"].as_u64().unwrap() as usize, trained.iter().map(Vec::len).sum::<usize>());
+    assert!(first["trainable_params"].as_u64().unwrap() < first["params"].as_u64().unwrap() / 4);
+    assert!(!start.is_empty());
+
+    // killed after step 2, resumed: the same adapters at the end
+    let resumed = run.path().join("lora-resumed");
+    copy_dir(&out.join("checkpoint-000002"), &resumed.join("checkpoint-000002"));
+    let mut cfg_b = cfg.clone();
+    cfg_b.out_dir = resumed.clone();
+    t1_train::sft::run_sft::<Flex>(&cfg_b, "", true, &Default::default()).unwrap();
+    assert_eq!(trained, adapter_params(&base, &resumed.join("final")), "the resumed LoRA run differs");
+
+    // continuing the adapter (model.adapter) takes its settings; a [lora] that disagrees is refused
+    let mut cont = cfg.clone();
+    cont.out_dir = run.path().join("continued");
+    cont.model.adapter = out.join("final");
+    cont.lora = Some(t1_model::LoraConfig { r: 8, ..Default::default() });
+    let err = t1_train::sft::run_sft::<Flex>(&cont, "", false, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("[lora]") && err.contains("r = 4"), "{err}");
+    assert!(!cont.out_dir.exists(), "a refused run wrote {}", cont.out_dir.display());
+    cont.lora = None;
+    cont.train.max_steps = 1;
+    t1_train::sft::run_sft::<Flex>(&cont, "", false, &Default::default()).unwrap();
+    assert_ne!(adapter_params(&base, &cont.out_dir.join("final")), trained, "continuing did not train the adapter");
+}
+
+#[test]
+fn lora_rl_anchors_on_an_ema_of_the_adapters_and_resumes_exactly() {
+    let data = tempfile::tempdir().unwrap();
+    tiny_task(data.path());
+    let run = tempfile::tempdir().unwrap();
+    let sft_out = run.path().join("sft");
+    t1_train::sft::run_sft::<Flex>(&sft_config(data.path(), &sft_out, 4), "", false, &Default::default()).unwrap();
+    let base = sft_out.join("final");
+    let out = run.path().join("rl");
+    let mut cfg = rl_config(data.path(), &base, &out, 2);
+    cfg.lora = Some(t1_model::LoraConfig { r: 4, alpha: 8.0, ..Default::default() });
+    t1_train::rl::run_rl::<Flex>(&cfg, "", false, &Default::default()).unwrap();
+    let ckpt = out.join("checkpoint-000001");
+    assert!(!ckpt.join("model.safetensors").exists() && !ckpt.join("reference/model.safetensors").exists(), "a LoRA checkpoint holds no copy of the base");
+    // the anchor started as the fresh adapter (B = 0) and took one EMA step (beta 0.5) toward
+    // the policy: its B is half the policy's, its A halfway between
+    let policy = adapter_params(&base, &ckpt);
+    let anchor = adapter_params(&base, &ckpt.join("reference"));
+    for (i, (p, a)) in policy.iter().zip(&anchor).enumerate().skip(1).step_by(2) {
+        assert!(p.iter().any(|&x| x != 0.0), "lora_B {i} did not move in one RL step");
+        let want: Vec<f32> = p.iter().map(|x| 0.5 * x).collect();
+        assert!(max_abs_diff(a, &want) <= 1e-6 * max_abs(p), "anchor's lora_B {i} is not the EMA of the adapters");
+    }
+    let resumed = run.path().join("rl-resumed");
+    copy_dir(&ckpt, &resumed.join("checkpoint-000001"));
+    let mut cfg_b = cfg.clone();
+    cfg_b.out_dir = resumed.clone();
+    t1_train::rl::run_rl::<Flex>(&cfg_b, "", true, &Default::default()).unwrap();
+    assert_eq!(adapter_params(&base, &out.join("final")), adapter_params(&base, &resumed.join("final")));
+    assert_eq!(adapter_params(&base, &out.join("checkpoint-000002/reference")), adapter_params(&base, &resumed.join("checkpoint-000002/reference")));
+
+    // a frozen anchor is the base alone: nothing of it is saved
+    let frozen = run.path().join("rl-frozen");
+    let mut cfg_f = cfg.clone();
+    cfg_f.out_dir = frozen.clone();
+    cfg_f.anchor = t1_algo::Anchor::Frozen;
+    cfg_f.train.steps = 1;
+    t1_train::rl::run_rl::<Flex>(&cfg_f, "", false, &Default::default()).unwrap();
+    assert!(!frozen.join("checkpoint-000001/reference").exists());
+}
