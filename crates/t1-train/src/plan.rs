@@ -42,8 +42,9 @@ pub enum Workload {
     /// shards that run at once; `grad_accum` micro-batches per step.
     Sft { micro_batch: usize, seq_len: usize, threads: usize, grad_accum: usize },
     /// RL: rollouts of `gen_batch` sequences of `prompt_len + max_new` tokens, then updates on
-    /// minibatches of `update_rows` sequences in `threads` shards; the anchor is a full copy.
-    Rl { gen_batch: usize, prompt_len: usize, max_new: usize, update_rows: usize, threads: usize },
+    /// micro-batches of `update_rows` sequences in `threads` shards (`micro_batches` of them
+    /// per optimiser step, whose gradients are summed); the anchor is a full copy.
+    Rl { gen_batch: usize, prompt_len: usize, max_new: usize, update_rows: usize, threads: usize, micro_batches: usize },
 }
 
 /// The number formats of a run.
@@ -149,9 +150,9 @@ pub fn memory_plan(c: &Qwen2Config, precision: Precision, work: &Workload, check
             let t = threads.clamp(1, micro_batch.max(1)) as u64;
             (micro_batch as u64, seq_len as u64, t, t + (t > 1) as u64 + (grad_accum > 1) as u64, grad_accum > 1)
         }
-        Workload::Rl { update_rows, prompt_len, max_new, threads, .. } => {
+        Workload::Rl { update_rows, prompt_len, max_new, threads, micro_batches, .. } => {
             let t = threads.clamp(1, update_rows.max(1)) as u64;
-            (update_rows as u64, (prompt_len + max_new) as u64, t, t + (t > 1) as u64, false)
+            (update_rows as u64, (prompt_len + max_new) as u64, t, t + (t > 1) as u64 + (micro_batches > 1) as u64, micro_batches > 1)
         }
     };
     // the shards' sets and the accumulator are in the compute dtype (the adapters' f32 with
@@ -309,12 +310,15 @@ pub fn sft_plan(cfg: &SftConfig, shape: &Qwen2Config) -> Result<MemoryPlan, Trai
 pub fn rl_plan(cfg: &RlConfig, shape: &Qwen2Config, prompt_len: usize) -> Result<MemoryPlan, TrainError> {
     let r = &cfg.rollout;
     let samples = r.prompts_per_step * if r.keep == crate::rl::Keep::All { r.samples_per_prompt } else { r.keep_per_prompt };
+    let minibatch = samples.div_ceil(cfg.loss.minibatches.max(1));
+    let micro = if cfg.loss.micro_batch_rows > 0 { cfg.loss.micro_batch_rows.min(minibatch) } else { minibatch };
     let work = Workload::Rl {
         gen_batch: r.generation_batch.max(1).min(r.prompts_per_step * r.samples_per_prompt),
         prompt_len,
         max_new: cfg.sampling.max_new_tokens,
-        update_rows: samples.div_ceil(cfg.loss.minibatches.max(1)),
+        update_rows: micro,
         threads: cfg.train.threads,
+        micro_batches: minibatch.div_ceil(micro.max(1)),
     };
     Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape)?, &work, cfg.train.activation_checkpointing))
 }
@@ -411,10 +415,36 @@ mod tests {
         let long = Workload::Sft { micro_batch: 2, seq_len: 2048, threads: 1, grad_accum: 1 };
         let (kept, layered) = (memory_plan(&c, f32, &long, ActivationCheckpointing::None), memory_plan(&c, f32, &long, ActivationCheckpointing::Layer));
         assert!(kept.peak_phase == "forward/backward" && layered.peak < kept.peak, "{} vs {}", layered.peak, kept.peak);
-        let rl = memory_plan(&c, f32, &Workload::Rl { gen_batch: 64, prompt_len: 100, max_new: 412, update_rows: 2, threads: 1 }, ActivationCheckpointing::None);
+        let rl = memory_plan(&c, f32, &Workload::Rl { gen_batch: 64, prompt_len: 100, max_new: 412, update_rows: 2, threads: 1, micro_batches: 1 }, ActivationCheckpointing::None);
         assert_eq!(get(&rl, "anchor"), 4 * p);
         assert_eq!(get(&rl, "rollout kv cache"), 64 * 512 * 24 * 2 * 128 * 4);
         assert!(get(&rl, "activations") > 2 * get(&one, "activations"), "rows twice as long: twice the tokens, four times the attention");
+    }
+
+    #[test]
+    fn lora_counts_the_adapters_alone_as_trained() {
+        let c = qwen05();
+        let p = c.num_parameters() as u64;
+        let get = |plan: &MemoryPlan, name: &str| plan.items.iter().find(|i| i.name == name).map(|i| i.bytes).unwrap_or(0);
+        let cfg = t1_model::LoraConfig { r: 8, ..Default::default() };
+        let size = lora_size(&c, &cfg, 2).unwrap();
+        // per layer: r · (in + out) for q (896→896), k and v (896→128), o (896→896), gate and
+        // up (896→4864), down (4864→896)
+        let per_layer = 8 * ((896 + 896) + 2 * (896 + 128) + (896 + 896) + 2 * (896 + 4864) + (4864 + 896));
+        assert_eq!(size.params, 24 * per_layer as u64);
+        let bf16 = Precision { compute_bytes: 2, master: false, lora: Some(size) };
+        let sft = memory_plan(&c, bf16, &Workload::Sft { micro_batch: 1, seq_len: 256, threads: 1, grad_accum: 1 }, ActivationCheckpointing::None);
+        assert_eq!(get(&sft, "weights"), 2 * p, "the frozen base in bf16");
+        assert_eq!(get(&sft, "lora adapters"), 4 * size.params);
+        assert_eq!(get(&sft, "gradients"), 4 * size.params, "f32 gradients of the adapters only");
+        assert_eq!(get(&sft, "optimizer"), 8 * size.params);
+        assert_eq!(get(&sft, "master weights"), 0);
+        let rl = memory_plan(&c, bf16, &Workload::Rl { gen_batch: 8, prompt_len: 64, max_new: 192, update_rows: 1, threads: 1, micro_batches: 4 }, ActivationCheckpointing::None);
+        assert_eq!(get(&rl, "anchor"), 4 * size.params, "the anchor is an EMA of the adapters");
+        assert_eq!(get(&rl, "gradients"), 2 * 4 * size.params, "micro-batches add an accumulator");
+        // only the targets count: q and v alone
+        let qv = lora_size(&c, &t1_model::LoraConfig { r: 8, target_modules: vec!["q_proj".into(), "v_proj".into()], ..Default::default() }, 4).unwrap();
+        assert_eq!(qv.params, 24 * 8 * ((896 + 896) + (896 + 128)));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::Optimizer;
+use burn::optim::{GradientsAccumulator, Optimizer};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -136,6 +136,10 @@ pub struct LossConfig {
     pub epochs: usize,
     /// Minibatches (optimiser steps) per epoch.
     pub minibatches: usize,
+    /// Rows per forward/backward within a minibatch, whose gradients add up to the
+    /// minibatch's (verl's `ppo_micro_batch_size_per_gpu`): memory for one micro-batch at a
+    /// time, the same update up to float rounding. 0 = the whole minibatch at once.
+    pub micro_batch_rows: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +217,7 @@ impl Default for LossConfig {
             kl_on_policy_normalize: true,
             epochs: 1,
             minibatches: 1,
+            micro_batch_rows: 0,
         }
     }
 }
@@ -675,15 +680,28 @@ fn update_policy<B: FusedAutodiff, O: Optimizer<Qwen2<B>, B>>(
             // the minibatch's normaliser, so that the shards' losses add up to its loss
             let mask: Vec<f32> = rows.iter().flat_map(|&r| batch.mask[r * batch.len..(r + 1) * batch.len].to_vec()).collect();
             let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
-            let shards: Vec<&[usize]> = crate::parallel::split_even(rows.len(), cfg.train.threads).into_iter().map(|r| &rows[r]).collect();
-            let (grads, loss_v, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
-                let (inputs, targets, mask) = batch.rows_subset(rows);
-                crate::checkpoint::loss_grads(m, &inputs, cfg.train.activation_checkpointing, |logits| {
-                    let (loss, clip_frac, entropy) = minibatch_loss(cfg, logits, targets, mask, rows, batch.len, old_logp, ref_logp, adv, norm);
-                    (loss, (clip_frac, entropy))
-                })
-            });
-            let (clip_frac, entropy) = stats.iter().fold((0.0, 0.0), |(c, e), (dc, de)| (c + dc, e + de));
+            // micro-batches one after the other, each cut into shards that run at once; every
+            // part's loss is normalised by the whole minibatch, so the parts add up to it
+            let micro = if cfg.loss.micro_batch_rows > 0 { cfg.loss.micro_batch_rows } else { rows.len() };
+            let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
+            let (mut loss_v, mut clip_frac, mut entropy) = (0.0f32, 0.0f32, 0.0f32);
+            for part in rows.chunks(micro) {
+                let shards: Vec<&[usize]> = crate::parallel::split_even(part.len(), cfg.train.threads).into_iter().map(|r| &part[r]).collect();
+                let (grads, value, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
+                    let (inputs, targets, mask) = batch.rows_subset(rows);
+                    crate::checkpoint::loss_grads(m, &inputs, cfg.train.activation_checkpointing, |logits| {
+                        let (loss, clip_frac, entropy) = minibatch_loss(cfg, logits, targets, mask, rows, batch.len, old_logp, ref_logp, adv, norm);
+                        (loss, (clip_frac, entropy))
+                    })
+                });
+                accum.accumulate(&policy, grads);
+                loss_v += value;
+                for (c, e) in stats {
+                    clip_frac += c;
+                    entropy += e;
+                }
+            }
+            let grads = accum.grads();
             let (grads, norm) = common::clip_global_norm(&policy, grads, cfg.optim.grad_clip);
             if !loss_v.is_finite() || !norm.is_finite() {
                 u.skipped += 1;
@@ -1043,7 +1061,12 @@ mod tests {
     }
 
     fn one_update_with(kl_in: KlPlacement, sign: f32, checkpointing: ActivationCheckpointing) -> Vec<f32> {
+        one_update_micro(kl_in, sign, checkpointing, 0)
+    }
+
+    fn one_update_micro(kl_in: KlPlacement, sign: f32, checkpointing: ActivationCheckpointing, micro_batch_rows: usize) -> Vec<f32> {
         let cfg = cfg_with(|c| {
+            c.loss.micro_batch_rows = micro_batch_rows;
             c.train.activation_checkpointing = checkpointing;
             c.loss.kl_in = kl_in;
             c.loss.kl_coef = 0.1;
@@ -1082,6 +1105,16 @@ mod tests {
         let layered = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::Layer);
         let d = max_abs_diff(&kept, &layered);
         assert!(d <= 1e-6 * t1_model::compare::max_abs(&kept), "log-prob changes differ by {d:e}: {kept:?} vs {layered:?}");
+    }
+
+    #[test]
+    fn micro_batches_give_the_same_rl_update() {
+        let whole = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::None);
+        for rows in [1, 3] {
+            let parts = one_update_micro(KlPlacement::Loss, 1.0, ActivationCheckpointing::None, rows);
+            let d = max_abs_diff(&whole, &parts);
+            assert!(d <= 1e-6 * t1_model::compare::max_abs(&whole), "{rows}-row micro-batches: log-prob changes differ by {d:e}: {whole:?} vs {parts:?}");
+        }
     }
 
     #[test]
