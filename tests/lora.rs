@@ -45,8 +45,18 @@ fn bound(config: &Qwen2Config, scale: f32) -> f32 {
 
 #[test]
 fn peft_adapters_give_peft_logits_unmerged_and_merged() {
+    check_peft_logits::<FlexInner>();
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn peft_adapters_give_peft_logits_on_wgpu() {
+    check_peft_logits::<<t1_backends::WgpuBackend as burn::tensor::backend::AutodiffBackend>::InnerBackend>();
+}
+
+fn check_peft_logits<B: t1_model::FusedOps>() {
     for (adapter, base_name) in ADAPTERS {
-        let (config, model) = base::<FlexInner>(base_name);
+        let (config, model) = base::<B>(base_name);
         let (bytes, r) = peft_reference(adapter);
         let base_logits = logits(&model, &r);
         let model = t1_model::load_adapter(model, &fixture(adapter)).unwrap();
@@ -236,7 +246,7 @@ fn bad_adapters_are_errors_that_name_the_module() {
     let dir = edited(tmp.path(), "rank0", |c| c["r"] = 0.into(), |_| true);
     assert!(adapter_error("qwen2-gqa", &dir).contains("r = 0"));
     // variants t1 does not implement
-    for (key, value) in [("use_dora", serde_json::json!(true)), ("bias", serde_json::json!("all")), ("rank_pattern", serde_json::json!({"q_proj": 8})), ("modules_to_save", serde_json::json!(["lm_head"]))] {
+    for (key, value) in [("use_dora", serde_json::json!(true)), ("bias", serde_json::json!("all")), ("rank_pattern", serde_json::json!({"q_proj": 8})), ("modules_to_save", serde_json::json!(["lm_head"])), ("init_lora_weights", serde_json::json!("pissa_niter_4"))] {
         let dir = edited(tmp.path(), key, |c| c[key] = value.clone(), |_| true);
         let err = adapter_error("qwen2-gqa", &dir);
         assert!(err.contains(key) && err.contains("does not implement"), "{key}: {err}");
@@ -311,4 +321,78 @@ fn cli_applies_and_merges_adapters() {
     // an adapter for another base is refused and names the module
     let o = t1(&["logits", "--model", fixture("qwen2-sharded").to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--ids", "1,2", "--out", out.to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("model.layers.0.self_attn.q_proj"), "{}", stderr(&o));
+}
+
+/// LoRA settings that cannot work are refused before anything runs, naming the key.
+#[test]
+fn lora_configs_that_cannot_work_are_refused() {
+    let set = |extra: &[&str]| {
+        let mut sets: Vec<String> = vec!["data.train=\"x.jsonl\"".into(), "lora.r=8".into(), "model.checkpoint=\"base\"".into()];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let (cfg, _) = t1_train::load_config::<t1_train::sft::SftConfig>(None, &sets).unwrap();
+        cfg.validate().err().map(|e| e.to_string())
+    };
+    assert_eq!(set(&[]), None);
+    assert_eq!(set(&["model.dtype=\"bf16\""]), None, "a bf16 base with f32 adapters needs no master weights");
+    let err = set(&["model.dtype=\"bf16\"", "optim.master_weights=true"]).unwrap();
+    assert!(err.contains("optim.master_weights") && err.contains("LoRA"), "{err}");
+    let err = set(&["lora.dropout=0.1", "train.activation_checkpointing=\"layer\""]).unwrap();
+    assert!(err.contains("lora.dropout") && err.contains("checkpointing"), "{err}");
+    assert!(set(&["lora.r=0"]).unwrap().contains("lora.r = 0"));
+    assert!(set(&["lora.target_modules=[\"embed_tokens\"]"]).unwrap().contains("embed_tokens"));
+    // a random base would never be saved
+    let err = set(&["model.checkpoint=\"\""]).unwrap();
+    assert!(err.contains("model.checkpoint") && err.contains("never saves"), "{err}");
+    // a continued adapter's own dropout meets layer checkpointing: refused before anything is written
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited(tmp.path(), "dropout", |c| c["lora_dropout"] = 0.05.into(), |_| true);
+    let out = tmp.path().join("run");
+    let sets: Vec<String> = vec![
+        "data.train=\"x.jsonl\"".into(),
+        format!("model.checkpoint={:?}", fixture("qwen2-gqa").display().to_string()),
+        format!("model.adapter={:?}", dir.display().to_string()),
+        "train.activation_checkpointing=\"layer\"".into(),
+        format!("out_dir={:?}", out.display().to_string()),
+    ];
+    let (cfg, _) = t1_train::load_config::<t1_train::sft::SftConfig>(None, &sets).unwrap();
+    let err = t1_train::sft::run_sft::<Flex>(&cfg, "", false, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("lora.dropout") && err.contains("0.05"), "{err}");
+    assert!(!out.exists());
+    // the plan of a LoRA run has no master weights and trains the adapters alone
+    let (cfg, _) = t1_train::load_config::<t1_train::sft::SftConfig>(None, &["data.train=\"x.jsonl\"".into(), "lora.r=8".into(), "model.dtype=\"bf16\"".into(), "model.checkpoint=\"base\"".into()]).unwrap();
+    let plan = t1_train::plan::sft_plan(&cfg, &t1_train::plan::qwen25("0.5b").unwrap()).unwrap();
+    let names: Vec<&str> = plan.items.iter().map(|i| i.name.as_str()).collect();
+    assert!(names.contains(&"lora adapters") && !names.contains(&"master weights"), "{names:?}");
+}
+
+/// A bf16 base with f32 adapters: the adapters stay f32, their gradients are f32, AdamW steps
+/// them, and the logits stay within bf16's bound of the f32 model's.
+#[test]
+fn a_bf16_base_trains_f32_adapters() {
+    use burn::tensor::DType;
+    let device = Default::default();
+    let (config, model) = t1_model::load::<Flex>(&fixture("qwen2-gqa"), WeightDtype::Bf16, &device).unwrap();
+    let model = t1_train::lora::trainable(t1_model::load_adapter(model, &fixture("lora-gqa")).unwrap());
+    let lora = model.lora.as_ref().unwrap();
+    assert_eq!((model.dtype(), lora.layers[0].q_proj.as_ref().unwrap().a.val().dtype()), (DType::BF16, DType::F32));
+    let (_, r) = peft_reference("lora-gqa");
+    let got = logits(&model.valid(), &r);
+    let b = crate::model::bf16_logit_bound(&config, max_abs(&r.logits));
+    let diff = max_abs_diff(&got, &r.logits);
+    println!("bf16 base + f32 adapters vs PEFT in f32: {diff:.3e} (bf16 bound {b:.3e})");
+    assert!(diff <= b, "{diff:.3e} > {b:.3e}");
+    let examples: Vec<t1_data::TokenizedExample> = r.ids.chunks(r.len).map(|row| t1_data::TokenizedExample { ids: row.iter().map(|&i| i as u32).collect(), loss_mask: vec![true; r.len] }).collect();
+    let batch = t1_data::pad_batch(&examples.iter().collect::<Vec<_>>(), 0);
+    let (grads, loss) = t1_train::sft::step_grads(&model, vec![vec![batch]], t1_train::checkpoint::ActivationCheckpointing::None);
+    assert!(loss.is_finite());
+    let g = grads.get::<FlexInner, 2>(lora.layers[0].q_proj.as_ref().unwrap().b.id).unwrap();
+    assert_eq!(g.dtype(), DType::F32);
+    let opt = t1_train::common::OptimConfig { lr: 1e-2, ..Default::default() };
+    let mut optim = t1_train::master::MasterWeights::plain(&opt);
+    let before = to_vec(lora.layers[0].q_proj.as_ref().unwrap().b.val());
+    let stepped = optim.step(opt.lr, model, grads);
+    let after = stepped.lora.as_ref().unwrap().layers[0].q_proj.as_ref().unwrap().b.val();
+    assert_eq!(after.dtype(), DType::F32);
+    assert!(max_abs_diff(&to_vec(after), &before) > 0.0, "AdamW did not move the f32 adapter");
+    assert_eq!(stepped.dtype(), DType::BF16);
 }

@@ -473,3 +473,38 @@ fn lora_rl_anchors_on_an_ema_of_the_adapters_and_resumes_exactly() {
     t1_train::rl::run_rl::<Flex>(&cfg_f, "", false, &Default::default()).unwrap();
     assert!(!frozen.join("checkpoint-000001/reference").exists());
 }
+
+/// Layer checkpointing with a frozen base: the adapters' gradients are the kept ones, and the
+/// frozen embedding stage (nothing in it needs a gradient) is no error.
+#[test]
+fn layer_checkpointing_gives_the_same_lora_gradients() {
+    use burn::module::{AutodiffModule, ModuleMapper};
+    use t1_train::checkpoint::ActivationCheckpointing;
+    struct Randomize;
+    impl ModuleMapper<FlexInner> for Randomize {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<FlexInner, D>>) -> Param<Tensor<FlexInner, D>> {
+            let (id, t, m) = p.consume();
+            Param::from_mapped_value(id, t.random_like(burn::tensor::Distribution::Normal(0.0, 0.1)), m)
+        }
+    }
+    let (model, batch) = tiny_sft_setup();
+    let cfg = t1_model::LoraConfig { r: 4, alpha: 8.0, ..Default::default() };
+    let mut inner = model.valid().with_new_lora(&cfg, "").unwrap();
+    // B = 0 would give A no gradient: random adapters
+    inner.lora = inner.lora.take().map(|l| l.map(&mut Randomize));
+    let model = t1_train::lora::trainable(t1_model::Qwen2::<Flex>::from_inner(inner));
+    let b = batch(0..3);
+    let tokens = b.target_mask.iter().filter(|&&m| m).count() as f32;
+    let (kept, v1) = t1_train::sft::batch_grads(&model, &b, tokens, ActivationCheckpointing::None);
+    let (ckpt, v2) = t1_train::sft::batch_grads(&model, &b, tokens, ActivationCheckpointing::Layer);
+    assert!((v1 - v2).abs() <= 1e-6 * v1.abs(), "loss {v1} vs {v2}");
+    let (want, got) = (grad_values(&model, &kept), grad_values(&model, &ckpt));
+    let adapters = params(model.lora.as_ref().unwrap()).len();
+    assert_eq!(want.iter().filter(|g| !g.is_empty()).count(), adapters, "gradients for the adapters and nothing else");
+    let mut worst = 0f32;
+    for (w, g) in want.iter().zip(&got).filter(|(w, _)| !w.is_empty()) {
+        assert_eq!(w.len(), g.len(), "an adapter lost its gradient under checkpointing");
+        worst = worst.max(max_rel_diff(w, g, 1e-30));
+    }
+    assert!(worst <= 1e-6, "{worst:e}");
+}

@@ -43,6 +43,10 @@ enum BenchCommand {
         /// none, or layer: recompute each decoder layer in the backward pass
         #[arg(long, default_value = "none")]
         activation_checkpointing: String,
+        /// Train fresh LoRA adapters of this rank (alpha 2r, every projection) on the frozen
+        /// base instead of every weight (0 = full fine-tuning)
+        #[arg(long, default_value_t = 0)]
+        lora_r: usize,
     },
     /// Decoding with the KV cache at temperature 1: new tokens/s, every sequence N tokens
     Generate {
@@ -63,6 +67,12 @@ enum BenchCommand {
         dtype: String,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
+        /// Decode through LoRA adapters of this rank (random, every projection) on the model
+        #[arg(long, default_value_t = 0)]
+        lora_r: usize,
+        /// With --lora-r: merge the adapters into the weights before decoding (timed)
+        #[arg(long)]
+        merge: bool,
     },
 }
 
@@ -360,7 +370,7 @@ fn run(cli: Cli) -> Result<()> {
             t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, limit, out })??;
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing } } => {
+        Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing, lora_r } } => {
             check_dtype(&device, &dtype)?;
             let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
             anyhow::ensure!(batch > 0 && seq > 0 && steps > 0 && threads > 0, "--batch, --seq, --steps and --threads must be > 0");
@@ -369,13 +379,14 @@ fn run(cli: Cli) -> Result<()> {
                 "layer" => t1_train::checkpoint::ActivationCheckpointing::Layer,
                 other => bail!("--activation-checkpointing {other:?}: use none or layer"),
             };
-            dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype, checkpointing })
+            dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype, checkpointing, lora_r })
         }
-        Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device } } => {
+        Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device, lora_r, merge } } => {
             check_dtype(&device, &dtype)?;
             let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
             anyhow::ensure!(batch > 0 && prompt > 0 && new > 0 && threads > 0, "--batch, --prompt, --new and --threads must be > 0");
-            dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype })
+            anyhow::ensure!(!merge || lora_r > 0, "--merge needs --lora-r");
+            dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype, lora_r, merge })
         }
         Command::Merge { model, adapter, out, dtype } => model_cmds::merge(&model, &adapter, &out, dtype.as_deref()),
         Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),

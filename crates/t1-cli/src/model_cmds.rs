@@ -39,8 +39,16 @@ pub fn load_model<B: burn::tensor::backend::Backend>(
 ) -> Result<(Qwen2Config, t1_model::Qwen2<B>, PathBuf)> {
     let (base, adapter) = match adapter {
         Some(a) => (model.to_path_buf(), Some(a.to_path_buf())),
-        None if t1_model::lora::is_adapter_dir(model) && !model.join(hf::CONFIG_FILE).exists() => {
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join(t1_model::lora::ADAPTER_CONFIG_FILE))?)?;
+        None if t1_model::lora::is_adapter_dir(model) && model.join(hf::CONFIG_FILE).exists() => {
+            bail!(
+                "{} holds both a checkpoint (config.json) and a LoRA adapter (adapter_config.json): say which with --model BASE --adapter DIR, or keep them in separate directories",
+                model.display()
+            );
+        }
+        None if t1_model::lora::is_adapter_dir(model) => {
+            let path = model.join(t1_model::lora::ADAPTER_CONFIG_FILE);
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let meta: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
             let base = meta.get("base_model_name_or_path").and_then(|v| v.as_str()).unwrap_or("");
             if base.is_empty() || !Path::new(base).join(hf::CONFIG_FILE).exists() {
                 bail!(

@@ -123,14 +123,21 @@ pub struct LoraPair<B: Backend> {
 }
 
 impl<B: Backend> LoraPair<B> {
-    /// The adapter's addition to a projection of `x` `[rows, in]`: computed in the adapter's
-    /// dtype and returned in `x`'s. Dropout applies only under autodiff (training).
-    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let dtype = x.dtype();
+    /// `y + s · dropout(x) A B` for the base projection `y` of `x` `[rows, in]`, as PEFT
+    /// computes it: `x` is cast to the adapter's dtype (f32), the sum is taken in f32 and
+    /// rounded once to `y`'s dtype. Dropout applies only under autodiff (training).
+    pub fn add_to(&self, y: Tensor<B, 2>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let a = self.a.val();
-        let x = if dtype == a.dtype() { x } else { x.cast(a.dtype()) };
+        let dtype = a.dtype();
+        let x = if x.dtype() == dtype { x } else { x.cast(dtype) };
         let x = DropoutConfig::new(self.dropout).init().forward(x);
-        x.matmul(a).matmul(self.b.val()).mul_scalar(self.scale).cast(dtype)
+        let delta = x.matmul(a).matmul(self.b.val()).mul_scalar(self.scale);
+        let out = y.dtype();
+        if out == dtype {
+            y + delta
+        } else {
+            (y.cast(dtype) + delta).cast(out)
+        }
     }
 
     /// `scale · A B`, `[in, out]` in the adapter's dtype: what merging adds to the weight.
@@ -453,6 +460,13 @@ fn peft_config(meta: &serde_json::Value) -> Result<LoraConfig, String> {
         };
         if set {
             return refuse(key);
+        }
+    }
+    // PiSSA, OLoRA, CorDA and LoftQ inits change the base weights too: their adapters only fit
+    // the base PEFT rewrote (unless PEFT converted them back to plain LoRA when saving)
+    if let Some(init) = get("init_lora_weights").and_then(|v| v.as_str()) {
+        if ["pissa", "olora", "corda", "loftq"].iter().any(|p| init.to_ascii_lowercase().starts_with(p)) {
+            return refuse(&format!("init_lora_weights = {init:?} (its adapter expects a base PEFT rewrote)"));
         }
     }
     let r = get("r").and_then(|v| v.as_u64()).ok_or("r is missing or not an integer")? as usize;

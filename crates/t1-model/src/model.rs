@@ -476,7 +476,7 @@ fn project<B: Backend>(linear: &Linear<B>, lora: Option<&LoraPair<B>>, x: Tensor
     let [b, t, n] = x.dims();
     let x = x.reshape([b * t, n]);
     let y = match lora {
-        Some(adapter) => linear.forward(x.clone()) + adapter.delta(x),
+        Some(adapter) => adapter.add_to(linear.forward(x.clone()), x),
         None => linear.forward(x),
     };
     let out = y.dims()[1];

@@ -68,8 +68,9 @@ pub fn loss_grads<B: FusedAutodiff, E>(
         upstream = x.grad(&grads);
         accum.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    // the embedding (its gradient adds to the head's when they are tied)
-    if let Some(g) = upstream {
+    // the embedding (its gradient adds to the head's when they are tied); nothing to do when
+    // it is frozen (LoRA)
+    if let Some(g) = upstream.filter(|_| model.embed_tokens.weight.val().is_require_grad()) {
         let grads = (model.embed(inputs) * Tensor::from_inner(g)).sum().backward();
         accum.accumulate(model, GradientsParams::from_grads(grads, model));
     }

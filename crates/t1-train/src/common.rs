@@ -165,6 +165,20 @@ pub fn cast<B: FusedOps>(mut model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
     model
 }
 
+/// Writes `out_dir/final`: the model (or a LoRA run's adapter) and the tokenizer, under a
+/// temporary name renamed into place, so what was there before (an earlier run's final model)
+/// is replaced whole and never mixed with the new files.
+pub fn save_final<B: FusedOps>(model: &Qwen2<B>, config: &Qwen2Config, tokenizer: &ChatTokenizer, out_dir: &Path) -> Result<PathBuf, TrainError> {
+    let dir = out_dir.join("final");
+    let tmp = out_dir.join(".final.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    save_model_dir(model, config, &tmp)?;
+    tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;
+    Ok(dir)
+}
+
 /// Writes a model directory: the HF checkpoint (`config.json` + weights), or for a LoRA model
 /// its adapter in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`).
 pub fn save_model_dir<B: FusedOps>(model: &Qwen2<B>, config: &Qwen2Config, dir: &Path) -> Result<(), TrainError> {

@@ -34,7 +34,11 @@ pub fn run_lora(source: &ModelSource, config: Option<&LoraConfig>) -> Result<Opt
         return Err(bad(
             "[lora]",
             format!(
-                "disagrees with the adapter it continues ({}: r = {}, alpha = {}, use_rslora = {}, target_modules = {:?}): remove r, alpha, use_rslora and target_modules from [lora] or make them match",
+                "gives r = {}, alpha = {}, use_rslora = {}, target_modules = {:?} (keys not written take t1's defaults), but the adapter it continues ({}) has r = {}, alpha = {}, use_rslora = {}, target_modules = {:?}: write the adapter's values in [lora], or leave [lora] out (the adapter's lora_dropout then applies)",
+                c.r,
+                c.alpha,
+                c.use_rslora,
+                c.target_modules,
                 source.adapter.display(),
                 saved.r,
                 saved.alpha,
@@ -88,9 +92,22 @@ pub fn trainable<B: FusedAutodiff>(model: Qwen2<B>) -> Qwen2<B> {
     model
 }
 
-/// LoRA dropout draws from the backend's RNG, so it cannot replay the same masks when layer
-/// checkpointing recomputes a layer: the two together are refused.
-pub fn check_dropout(cfg: Option<&LoraConfig>, mode: ActivationCheckpointing) -> Result<(), TrainError> {
+/// Checks a run's `[lora]`: its own fields, and dropout against layer checkpointing (dropout
+/// draws from the backend's RNG, so it cannot replay the same masks when checkpointing
+/// recomputes a layer: the two together are refused).
+/// `source` is where the base comes from: LoRA needs a checkpoint (a random base would never be
+/// saved, since checkpoints hold the adapters alone).
+pub fn validate(cfg: Option<&LoraConfig>, source: &ModelSource, mode: ActivationCheckpointing) -> Result<(), TrainError> {
+    if let Some(c) = cfg {
+        c.validate().map_err(|message| TrainError::Config { origin: "[lora]".into(), message })?;
+    }
+    let lora = cfg.is_some() || !source.adapter.as_os_str().is_empty();
+    if lora && source.checkpoint.as_os_str().is_empty() {
+        return Err(TrainError::Config {
+            origin: "model.checkpoint".into(),
+            message: "is empty, so the base would be a random init that LoRA freezes and never saves (checkpoints hold only the adapters): give a base checkpoint, or remove [lora] / model.adapter to train every weight".into(),
+        });
+    }
     match cfg {
         Some(c) if c.dropout > 0.0 && mode == ActivationCheckpointing::Layer => Err(TrainError::Config {
             origin: "lora.dropout".into(),

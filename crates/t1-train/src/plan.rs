@@ -20,6 +20,11 @@
 //!
 //! - with layer checkpointing, each layer's input (hidden values per token) plus one layer's
 //!   activations while it is recomputed;
+//! - with LoRA the base is frozen: only the f32 adapters have gradients, AdamW moments and (RL)
+//!   an anchor copy, and each adapter adds r f32 values per token to the graph (and its input
+//!   in f32 when the base is bf16 or dropout copies it);
+//! - RL micro-batches (`loss.micro_batch_rows`) bound the rows of one forward/backward, and
+//!   add an accumulator of the gradients;
 //!
 //! `t1 plan` prints it; `t1 sft` and `t1 rl` stop before allocating when it does not fit.
 //! BENCHMARKS.md compares it with the measured peak RSS.
@@ -66,7 +71,8 @@ pub struct LoraSize {
     /// The largest adapter matrix, in values.
     pub largest: u64,
     /// Bytes per token per layer the adapters add to the autodiff graph: each adapter's
-    /// `x A` (r f32 values), and its f32 input when the base is not f32 or dropout copies it.
+    /// `x A` (r f32 values), its f32 input when the base is not f32 or dropout copies it, and
+    /// the base output's f32 copy the sum is taken in when the base is not f32.
     pub bytes_per_token: u64,
 }
 
@@ -87,7 +93,9 @@ pub fn lora_size(c: &Qwen2Config, cfg: &t1_model::LoraConfig, compute_bytes: u64
         params += r * (fan_in + fan_out);
         largest = largest.max(r * fan_in.max(fan_out));
         let input_copy = compute_bytes != 4 || cfg.dropout > 0.0;
-        bytes += 4 * r + if input_copy { 4 * fan_in } else { 0 };
+        // with a bf16 base the sum is taken in f32 (PEFT's promotion): the output's f32 copy
+        let output_copy = compute_bytes != 4;
+        bytes += 4 * r + if input_copy { 4 * fan_in } else { 0 } + if output_copy { 4 * fan_out } else { 0 };
     }
     Ok(LoraSize { params: params * c.num_hidden_layers as u64, largest, bytes_per_token: bytes })
 }
@@ -286,10 +294,11 @@ pub fn model_shape(source: &ModelSource, tokenizer: &Path) -> Result<Qwen2Config
     Ok(Qwen2Config::from_file(&source.checkpoint.join(t1_model::hf::CONFIG_FILE))?)
 }
 
-fn precision(source: &ModelSource, optim: &OptimConfig, lora: Option<&t1_model::LoraConfig>, shape: &Qwen2Config) -> Result<Precision, TrainError> {
+fn precision(source: &ModelSource, optim: &OptimConfig, lora: Option<&t1_model::LoraConfig>, shape: &Qwen2Config, mode: ActivationCheckpointing) -> Result<Precision, TrainError> {
     let dtype = WeightDtype::parse(&source.dtype)
         .ok_or_else(|| TrainError::Config { origin: "model.dtype".into(), message: format!("{:?}: use \"f32\" or \"bf16\"", source.dtype) })?;
     let lora = crate::lora::run_lora(source, lora)?;
+    crate::lora::validate(lora.as_ref(), source, mode)?;
     let master = crate::master::uses_master_weights(optim, dtype, lora.is_some())?;
     let compute_bytes = if dtype == WeightDtype::F32 { 4 } else { 2 };
     let lora = match lora {
@@ -303,7 +312,7 @@ fn precision(source: &ModelSource, optim: &OptimConfig, lora: Option<&t1_model::
 pub fn sft_plan(cfg: &SftConfig, shape: &Qwen2Config) -> Result<MemoryPlan, TrainError> {
     let t = &cfg.train;
     let work = Workload::Sft { micro_batch: t.batch_size, seq_len: cfg.data.max_len, threads: t.threads, grad_accum: t.grad_accum };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape)?, &work, t.activation_checkpointing))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape, t.activation_checkpointing)?, &work, t.activation_checkpointing))
 }
 
 /// The plan of an RL run whose longest prompt has `prompt_len` tokens.
@@ -320,7 +329,7 @@ pub fn rl_plan(cfg: &RlConfig, shape: &Qwen2Config, prompt_len: usize) -> Result
         threads: cfg.train.threads,
         micro_batches: minibatch.div_ceil(micro.max(1)),
     };
-    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape)?, &work, cfg.train.activation_checkpointing))
+    Ok(memory_plan(shape, precision(&cfg.model, &cfg.optim, cfg.lora.as_ref(), shape, cfg.train.activation_checkpointing)?, &work, cfg.train.activation_checkpointing))
 }
 
 /// The longest prompt of an RL run's problems, in tokens (chat-formatted).

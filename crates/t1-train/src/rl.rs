@@ -264,7 +264,7 @@ impl RlConfig {
         };
         let lora = self.lora.is_some() || !self.model.adapter.as_os_str().is_empty();
         crate::master::uses_master_weights(&self.optim, dtype, lora)?;
-        crate::lora::check_dropout(self.lora.as_ref(), self.train.activation_checkpointing)?;
+        crate::lora::validate(self.lora.as_ref(), &self.model, self.train.activation_checkpointing)?;
         Ok(())
     }
 }
@@ -303,10 +303,14 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     let t = &cfg.train;
     B::seed(device, t.seed);
     let lora = crate::lora::run_lora(&cfg.model, cfg.lora.as_ref())?;
+    // the resolved settings: a continued adapter brings its own dropout
+    crate::lora::validate(lora.as_ref(), &cfg.model, cfg.train.activation_checkpointing)?;
     let (model_config, mut policy, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
     // the anchor follows the f32 master when there is one (a bf16 EMA at beta 0.99 would
     // round most of its moves away); its log-probs are taken in the policy's dtype. With LoRA
-    // it shares the policy's frozen base, and a frozen anchor is the base alone.
+    // it shares the policy's frozen base, and a frozen anchor is the base alone, as TRL's
+    // reference with the adapters disabled (to anchor on an SFT adapter, merge it first with
+    // `t1 merge`, as the presets do).
     let mut reference: Qwen2<B::InnerBackend> = optim.weights(&policy);
     if cfg.anchor == Anchor::Frozen {
         reference.lora = None;
@@ -329,7 +333,16 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
             reference = if policy.lora.is_some() {
                 let mut base = policy.valid();
                 base.lora = None;
-                if t1_model::lora::is_adapter_dir(&saved) { t1_model::load_adapter(base, &saved)? } else { base }
+                match (t1_model::lora::is_adapter_dir(&saved), cfg.anchor) {
+                    (true, _) => t1_model::load_adapter(base, &saved)?,
+                    (false, Anchor::Frozen) => base,
+                    (false, _) => {
+                        return Err(TrainError::Checkpoint {
+                            path: saved.clone(),
+                            message: "holds no adapter_config.json, so the anchor's adapters are lost: resume from an earlier checkpoint, or start the run again".into(),
+                        })
+                    }
+                }
             } else {
                 let anchor_dtype = if optim.master().is_some() { WeightDtype::F32 } else { WeightDtype::parse(&cfg.model.dtype).unwrap_or(WeightDtype::F32) };
                 t1_model::load::<B::InnerBackend>(&saved, anchor_dtype, device)?.1
@@ -448,9 +461,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         }
     }
     bar.finish();
-    let final_dir = cfg.out_dir.join("final");
-    common::save_model_dir(&policy.valid(), &model_config, &final_dir)?;
-    tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
+    let final_dir = common::save_final(&policy.valid(), &model_config, &tokenizer, &cfg.out_dir)?;
     let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, initial_sampled_accuracy, final_sampled_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
     metrics.log(&json!({"event": "end", "summary": summary}));
     Ok(summary)

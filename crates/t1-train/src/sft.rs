@@ -154,7 +154,7 @@ impl SftConfig {
         };
         let lora = self.lora.is_some() || !self.model.adapter.as_os_str().is_empty();
         crate::master::uses_master_weights(&self.optim, dtype, lora)?;
-        crate::lora::check_dropout(self.lora.as_ref(), self.train.activation_checkpointing)?;
+        crate::lora::validate(self.lora.as_ref(), &self.model, self.train.activation_checkpointing)?;
         Ok(())
     }
 }
@@ -268,6 +268,8 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     let t = &cfg.train;
     B::seed(device, t.seed);
     let lora = crate::lora::run_lora(&cfg.model, cfg.lora.as_ref())?;
+    // the resolved settings: a continued adapter brings its own dropout
+    crate::lora::validate(lora.as_ref(), &cfg.model, cfg.train.activation_checkpointing)?;
     let (model_config, mut model, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
     if cfg.data.max_len > model_config.max_position_embeddings {
         return Err(TrainError::Config {
@@ -382,9 +384,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
         }
     }
     bar.finish();
-    let final_dir = cfg.out_dir.join("final");
-    common::save_model_dir(&model.valid(), &model_config, &final_dir)?;
-    tokenizer.save(&final_dir.join(common::TOKENIZER_FILE))?;
+    let final_dir = common::save_final(&model.valid(), &model_config, &tokenizer, &cfg.out_dir)?;
     let wall = started.elapsed().as_secs_f32();
     let summary = SftSummary {
         steps: state.step,
