@@ -33,7 +33,9 @@ impl BackendTask for Eval {
                 .with_context(|| format!("{} needs a tokenizer.json next to its weights", dir.display()))?;
             tokenizer.check_model_vocab(config.vocab_size)?;
             let name = model_name(dir);
-            let report = t1_eval::evaluate(&model, &tokenizer, &problems, &self.config, &name);
+            // the stop set RL uses: the model's EOS ids and the tokenizer's
+            let eval_cfg = t1_eval::EvalConfig { stop: t1_train::generate::stop_ids(&config, &tokenizer), ..self.config.clone() };
+            let report = t1_eval::evaluate(&model, &tokenizer, &problems, &eval_cfg, &name);
             for b in &report.results {
                 eprintln!("{name}: budget {:>5} accuracy {:.3} pass@{} {:.3} maj@{} {:.3} tokens {:.1}", b.budget, b.accuracy, report.samples, b.pass_at_n, report.samples, b.majority_accuracy, b.mean_tokens);
             }

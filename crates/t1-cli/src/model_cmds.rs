@@ -143,8 +143,7 @@ impl BackendTask for Generate {
         tokenizer.check_model_vocab(config.vocab_size)?;
         let prompts: Vec<Vec<u32>> = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-        let mut eos = config.eos_token_ids();
-        eos.push(tokenizer.eos_id());
+        let eos = t1_train::generate::stop_ids(&config, &tokenizer);
         let outs = t1_train::generate(&model, &prompts, &self.sampling, &eos, tokenizer.pad_id(), &mut rng);
         for (p, o) in self.prompts.iter().zip(outs) {
             let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "truncated": o.truncated});

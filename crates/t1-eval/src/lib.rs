@@ -38,6 +38,9 @@ pub struct EvalConfig {
     /// Threads each generation batch is split over (CPU: the number of cores; GPU: 1).
     pub threads: usize,
     pub grader: GraderConfig,
+    /// Token ids that end a response: the ones RL stops on (the model's `eos_token_id`s and
+    /// the tokenizer's EOS, `t1_train::generate::stop_ids`); empty = the tokenizer's EOS.
+    pub stop: Vec<u32>,
 }
 
 impl Default for EvalConfig {
@@ -52,6 +55,7 @@ impl Default for EvalConfig {
             batch: 64,
             threads: 1,
             grader: GraderConfig::default(),
+            stop: vec![],
         }
     }
 }
@@ -87,13 +91,22 @@ pub struct EvalReport {
 /// ([`generate_sharded`], one ChaCha stream from `cfg.seed` for every call, in call order).
 pub fn evaluate<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> EvalReport {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let (eos, pad) = (tokenizer.eos_id(), tokenizer.pad_id());
-    let generate = |prompts: &[Vec<u32>], sampling: &SamplingConfig| generate_sharded(model, prompts, sampling, &[eos], pad, &mut rng, cfg.threads);
+    let (stop, pad) = (stop_set(cfg, tokenizer), tokenizer.pad_id());
+    let generate = |prompts: &[Vec<u32>], sampling: &SamplingConfig| generate_sharded(model, prompts, sampling, &stop, pad, &mut rng, cfg.threads);
     sweep(generate, tokenizer, problems, cfg, name)
 }
 
+/// The ids a response ends at: `cfg.stop`, or the tokenizer's EOS when it is empty.
+fn stop_set(cfg: &EvalConfig, tokenizer: &ChatTokenizer) -> Vec<u32> {
+    if cfg.stop.is_empty() {
+        vec![tokenizer.eos_id()]
+    } else {
+        cfg.stop.clone()
+    }
+}
+
 /// The budget sweep of [`evaluate`] with the model behind `generate(prompts, sampling)`, which
-/// returns one rollout per prompt, ending at the tokenizer's EOS or after
+/// returns one rollout per prompt, ending at a stop id (`cfg.stop`) or after
 /// `sampling.max_new_tokens` tokens. It is called first on the prompts (each problem's prompt
 /// `cfg.samples` times, in batches of `cfg.batch`) at the largest budget with
 /// `cfg.temperature`, then, budget by budget, greedily on the responses to force.
@@ -154,11 +167,11 @@ fn read_off(
     budget: usize,
     cfg: &EvalConfig,
 ) -> Vec<AtBudget> {
-    let eos = tokenizer.eos_id();
+    let stop = stop_set(cfg, tokenizer);
     let mut out: Vec<AtBudget> = full
         .iter()
         .map(|r| {
-            let finished = r.tokens.len() <= budget && r.tokens.last() == Some(&eos);
+            let finished = r.tokens.len() <= budget && r.tokens.last().is_some_and(|t| stop.contains(t));
             let used = if finished { r.tokens.len() } else { budget.min(r.tokens.len()) };
             let text = if finished { tokenizer.decode(&r.tokens) } else { String::new() };
             AtBudget { text, used, forced: !finished }
@@ -411,6 +424,23 @@ mod tests {
         // the forced answer is cut at answer_tokens
         let read = read_off(&mut generate, &tok, &prompts, &full, 10, &EvalConfig { answer_tokens: 1, ..cfg });
         assert_eq!(read[1].text, "1234567890 \\boxed{7");
+    }
+
+    /// A response that ends with a stop id of the model's config which is not the tokenizer's
+    /// EOS (Qwen2.5's `<|endoftext|>` beside `<|im_end|>`) is finished, as RL treats it, and is
+    /// not forced.
+    #[test]
+    fn a_response_ending_at_any_stop_id_is_finished() {
+        let tok = char_tokenizer();
+        let problems = vec![Problem { prompt: "Compute 3 + 4.".into(), answer: "7".into() }];
+        let other = tok.encode("Z")[0];
+        assert_ne!(other, tok.eos_id());
+        let mut response = tok.encode("\\boxed{7}");
+        response.push(other);
+        let mut script = Script { eos: tok.eos_id(), responses: vec![response], answer: ids(&tok, "8}<eos>"), served: 0, calls: vec![] };
+        let cfg = EvalConfig { budgets: vec![20], samples: 1, forced_answer_cue: CUE.into(), stop: vec![tok.eos_id(), other], ..Default::default() };
+        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        assert_eq!((report.results[0].forced_fraction, report.results[0].accuracy), (0.0, 1.0), "{report:?}");
     }
 
     #[test]

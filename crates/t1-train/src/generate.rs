@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use t1_cpu::HostEngine;
 use t1_data::{ChatTokenizer, Problem};
-use t1_model::{BurnDecoder, Decoder, Inputs, KvCache, Qwen2};
+use t1_model::{BurnDecoder, Decoder, Inputs, KvCache, Qwen2, Qwen2Config};
 
 /// How tokens are drawn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,11 +66,22 @@ pub struct Rollout {
     pub truncated: bool,
 }
 
+/// The token ids a response ends at, in RL, evaluation and `t1 generate` alike: the model's
+/// `eos_token_id`s (an int or a list in config.json) and the tokenizer's EOS.
+pub fn stop_ids(config: &Qwen2Config, tokenizer: &ChatTokenizer) -> Vec<u32> {
+    let mut ids = config.eos_token_ids();
+    if !ids.contains(&tokenizer.eos_id()) {
+        ids.push(tokenizer.eos_id());
+    }
+    ids
+}
+
 /// Held-out answer accuracy: the fraction of `problems` whose response, decoded with
 /// `sampling` (greedy, or sampled from a fixed seed so that checkpoints are compared on the
 /// same stream), the grader (the RL reward's own function) marks correct. `batch` rows per
 /// generation call, each call cut into `threads` shards.
-pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, batch: usize, threads: usize) -> f32 {
+/// Responses end at a token of `stop` ([`stop_ids`], the set RL stops on).
+pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, stop: &[u32], batch: usize, threads: usize) -> f32 {
     if problems.is_empty() {
         return 0.0;
     }
@@ -80,7 +91,7 @@ pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, p
     let mut correct = 0usize;
     for chunk in problems.chunks(batch.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect();
-        let outs = generate_sharded(model, &prompts, cfg, &[tokenizer.eos_id()], tokenizer.pad_id(), &mut rng, threads);
+        let outs = generate_sharded(model, &prompts, cfg, stop, tokenizer.pad_id(), &mut rng, threads);
         for (p, o) in chunk.iter().zip(&outs) {
             let text = tokenizer.decode(&o.tokens);
             if t1_reward::grade(&text, &p.answer, &grader).correct {
@@ -338,6 +349,19 @@ fn argmax(x: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stop_set_is_the_models_eos_ids_and_the_tokenizers() {
+        let tok = t1_data::train_bpe(&["0123456789".to_string()], 259).unwrap();
+        let eos = tok.eos_id();
+        let mut config = Qwen2Config::tiny(300, 16, 1, 2, 1);
+        config.eos_token_id = Some(serde_json::json!([eos + 1, eos + 2]));
+        assert_eq!(stop_ids(&config, &tok), vec![eos + 1, eos + 2, eos]);
+        config.eos_token_id = Some(serde_json::json!(eos));
+        assert_eq!(stop_ids(&config, &tok), vec![eos], "no id twice");
+        config.eos_token_id = None;
+        assert_eq!(stop_ids(&config, &tok), vec![eos]);
+    }
 
     #[test]
     fn descending_order_is_the_total_cmp_order_with_ties_by_index() {

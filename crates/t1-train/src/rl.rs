@@ -358,17 +358,14 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     // every input was read and checked: only now is anything written
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
-    let eos = {
-        let mut e = model_config.eos_token_ids();
-        e.push(tokenizer.eos_id());
-        e
-    };
+    // one stop set for rollouts and the held-out evals
+    let eos = crate::generate::stop_ids(&model_config, &tokenizer);
 
     let started = Instant::now();
     // held-out accuracy, greedy and sampled at the rollout temperature (fixed seed)
     let held_out = |model: &Qwen2<B::InnerBackend>| {
-        let greedy = eval_accuracy(model, &tokenizer, &eval, &SamplingConfig::greedy(cfg.sampling.max_new_tokens), 64, t.threads);
-        let sampled = eval_accuracy(model, &tokenizer, &eval, &cfg.sampling, 64, t.threads);
+        let greedy = eval_accuracy(model, &tokenizer, &eval, &SamplingConfig::greedy(cfg.sampling.max_new_tokens), &eos, 64, t.threads);
+        let sampled = eval_accuracy(model, &tokenizer, &eval, &cfg.sampling, &eos, 64, t.threads);
         (greedy, sampled)
     };
     let initial = (!eval.is_empty() && state.step == 0).then(|| held_out(&policy.valid()));

@@ -370,7 +370,8 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
                 record["eval_loss"] = json!(l);
             }
             if !problems.is_empty() {
-                let acc = eval_accuracy(&inner, &tokenizer, &problems, &SamplingConfig::greedy(t.eval_max_new_tokens), 64, t.threads);
+                let stop = crate::generate::stop_ids(&model_config, &tokenizer);
+                let acc = eval_accuracy(&inner, &tokenizer, &problems, &SamplingConfig::greedy(t.eval_max_new_tokens), &stop, 64, t.threads);
                 eval_acc = Some(acc);
                 record["eval_accuracy"] = json!(acc);
             }
