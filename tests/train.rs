@@ -129,9 +129,26 @@ fn bf16_sft_keeps_f32_master_weights_and_resumes_exactly() {
     let mut cfg_b = cfg.clone();
     cfg_b.out_dir = resumed.clone();
     t1_train::sft::run_sft::<Flex>(&cfg_b, "", true, &Default::default()).unwrap();
+    // resuming across a switch of optim.master_weights is refused, and changes nothing
+    let mut off = cfg_b.clone();
+    off.optim.master_weights = Some(false);
+    let before = std::fs::read(resumed.join("final/model.safetensors")).unwrap();
+    let err = t1_train::sft::run_sft::<Flex>(&off, "", true, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("checkpoint-000004") && err.contains("optim.master_weights"), "{err}");
+    assert_eq!(std::fs::read(resumed.join("final/model.safetensors")).unwrap(), before);
+    let mut lora = cfg_b.clone();
+    lora.lora = Some(t1_model::LoraConfig { r: 2, ..Default::default() });
+    lora.model.checkpoint = resumed.join("final");
+    let err = t1_train::sft::run_sft::<Flex>(&lora, "", true, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("[lora]") && err.contains("every weight"), "{err}");
     let last = |root: &Path| root.join("checkpoint-000004").join(t1_train::master::MASTER_DIR);
     assert_eq!(params(&load(&last(&out))), params(&load(&last(&resumed))), "the resumed master differs");
     assert_eq!(params(&load(&out.join("final"))), params(&load(&resumed.join("final"))));
+    // final/ keeps the f32 master too, and a bf16 run started from it continues from it
+    let final_master = params(&load(&out.join("final").join(t1_train::master::MASTER_DIR)));
+    let source = t1_train::common::ModelSource { checkpoint: out.join("final"), dtype: "bf16".into(), ..Default::default() };
+    let (_, _, _, optim) = t1_train::master::init_trainable::<Flex>(&source, &cfg.optim, None, Path::new(""), &Default::default()).unwrap();
+    assert_eq!(params(&optim.master().unwrap()), final_master, "the next run did not start from final/'s f32 master");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -168,11 +168,16 @@ pub fn cast<B: FusedOps>(mut model: Qwen2<B>, dtype: DType) -> Qwen2<B> {
 /// Writes `out_dir/final`: the model (or a LoRA run's adapter) and the tokenizer, under a
 /// temporary name renamed into place, so what was there before (an earlier run's final model)
 /// is replaced whole and never mixed with the new files.
-pub fn save_final<B: FusedOps>(model: &Qwen2<B>, config: &Qwen2Config, tokenizer: &ChatTokenizer, out_dir: &Path) -> Result<PathBuf, TrainError> {
+/// `extra` are subdirectories written beside it (the f32 master weights of a bf16 run, which
+/// a run started from this directory then continues from).
+pub fn save_final<B: FusedOps>(model: &Qwen2<B>, config: &Qwen2Config, tokenizer: &ChatTokenizer, out_dir: &Path, extra: &[(&str, &Qwen2<B>)]) -> Result<PathBuf, TrainError> {
     let dir = out_dir.join("final");
     let tmp = out_dir.join(".final.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     save_model_dir(model, config, &tmp)?;
+    for (name, m) in extra {
+        save_model_dir(*m, config, &tmp.join(name))?;
+    }
     tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io(&dir, e))?;

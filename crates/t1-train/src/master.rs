@@ -201,33 +201,54 @@ pub fn init_trainable<B: FusedAutodiff>(
         let (config, model, tok) = init_model::<B>(source, tokenizer, device)?;
         return Ok((config, model, tok, MasterWeights::plain(optim)));
     }
-    let f32_source = ModelSource { dtype: "f32".into(), ..source.clone() };
-    let (config, weights, tok) = init_model::<B>(&f32_source, tokenizer, device)?;
+    // a bf16 run's final/ or checkpoint keeps its f32 master in master/: continue from it
+    let saved_master = source.checkpoint.join(MASTER_DIR);
+    let from = if !source.checkpoint.as_os_str().is_empty() && saved_master.join(t1_model::hf::CONFIG_FILE).exists() {
+        eprintln!("starting the f32 master weights from {}", saved_master.display());
+        saved_master
+    } else {
+        source.checkpoint.clone()
+    };
+    let f32_source = ModelSource { dtype: "f32".into(), checkpoint: from, ..source.clone() };
+    let tokenizer = if tokenizer.as_os_str().is_empty() { source.checkpoint.join(crate::common::TOKENIZER_FILE) } else { tokenizer.to_path_buf() };
+    let (config, weights, tok) = init_model::<B>(&f32_source, &tokenizer, device)?;
     let (model, optim) = MasterWeights::mixed(optim, weights, dtype);
     Ok((config, model, tok, optim))
 }
 
 /// The weights to resume from checkpoint `dir`: its model, or with master weights its f32
-/// `master/` (a checkpoint without one, e.g. from a pure bf16 run, starts the master from its
-/// bf16 weights, with a warning).
-/// A LoRA run (`current` has adapters) takes the checkpoint's adapters onto its base.
+/// `master/`; a LoRA run (`current` has adapters) takes the checkpoint's adapters onto its base.
+/// A checkpoint written in another mode (with or without master weights, LoRA or full
+/// fine-tuning) is refused: resuming across the switch would drop or invent state.
 pub fn resume_weights<B: FusedAutodiff>(dir: &Path, source: &ModelSource, optim: &mut MasterWeights<B>, current: &Qwen2<B>, device: &B::Device) -> Result<Qwen2<B>, TrainError> {
-    if current.lora.is_some() {
+    let refuse = |message: String| Err(TrainError::Checkpoint { path: dir.to_path_buf(), message });
+    let (lora, saved_adapter) = (current.lora.is_some(), t1_model::lora::is_adapter_dir(dir));
+    if lora && !saved_adapter {
+        return refuse("was written by a run that trained every weight (it has no adapter_config.json), and this run has [lora]: remove [lora] and model.adapter to resume it, or start the LoRA run in another out_dir".into());
+    }
+    if !lora && saved_adapter {
+        return refuse("holds a LoRA adapter, and this run has no [lora]: give the [lora] settings it was trained with to resume it".into());
+    }
+    if lora {
         return crate::lora::resume(current, dir);
     }
     let dtype = parse_dtype(source)?;
-    if optim.master.is_none() {
-        return Ok(t1_model::load::<B>(dir, dtype, device)?.1);
-    }
     let master_dir = dir.join(MASTER_DIR);
-    let from = if master_dir.join(t1_model::hf::CONFIG_FILE).exists() {
-        master_dir
-    } else {
-        eprintln!("warning: {} has no {MASTER_DIR}/ (f32 master weights); starting them from its {} weights", dir.display(), source.dtype);
-        dir.to_path_buf()
-    };
-    let (_, weights) = t1_model::load::<B::InnerBackend>(&from, WeightDtype::F32, device)?;
-    Ok(optim.set_master(weights).expect("master weights are on"))
+    let saved_master = master_dir.join(t1_model::hf::CONFIG_FILE).exists();
+    match (optim.master.is_some(), saved_master) {
+        (false, false) => Ok(t1_model::load::<B>(dir, dtype, device)?.1),
+        (true, true) => {
+            let (_, weights) = t1_model::load::<B::InnerBackend>(&master_dir, WeightDtype::F32, device)?;
+            Ok(optim.set_master(weights).expect("master weights are on"))
+        }
+        (true, false) => refuse(format!(
+            "has no {MASTER_DIR}/ (it was written without f32 master weights), and this run keeps them: resuming would start the master from the {} weights and load moments of another dtype; set optim.master_weights = false to resume it as it ran, or start a new run from its model",
+            source.dtype
+        )),
+        (false, true) => refuse(format!(
+            "holds f32 master weights ({MASTER_DIR}/), and this run keeps none (optim.master_weights = false or f32 weights): resuming would drop them; remove optim.master_weights = false to resume it as it ran"
+        )),
+    }
 }
 
 fn parse_dtype(source: &ModelSource) -> Result<WeightDtype, TrainError> {

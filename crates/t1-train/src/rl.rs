@@ -458,7 +458,9 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         }
     }
     bar.finish();
-    let final_dir = common::save_final(&policy.valid(), &model_config, &tokenizer, &cfg.out_dir)?;
+    let master = optim.master();
+    let extra: Vec<_> = master.iter().map(|m| (crate::master::MASTER_DIR, m)).collect();
+    let final_dir = common::save_final(&policy.valid(), &model_config, &tokenizer, &cfg.out_dir, &extra)?;
     let summary = RlSummary { steps: state.step, initial_accuracy, final_accuracy, initial_sampled_accuracy, final_sampled_accuracy, wall_s: started.elapsed().as_secs_f32(), final_dir };
     metrics.log(&json!({"event": "end", "summary": summary}));
     Ok(summary)

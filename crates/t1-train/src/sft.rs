@@ -385,7 +385,9 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
         }
     }
     bar.finish();
-    let final_dir = common::save_final(&model.valid(), &model_config, &tokenizer, &cfg.out_dir)?;
+    let master = optim.master();
+    let extra: Vec<_> = master.iter().map(|m| (crate::master::MASTER_DIR, m)).collect();
+    let final_dir = common::save_final(&model.valid(), &model_config, &tokenizer, &cfg.out_dir, &extra)?;
     let wall = started.elapsed().as_secs_f32();
     let summary = SftSummary {
         steps: state.step,
