@@ -396,3 +396,18 @@ fn a_bf16_base_trains_f32_adapters() {
     assert!(max_abs_diff(&to_vec(after), &before) > 0.0, "AdamW did not move the f32 adapter");
     assert_eq!(stepped.dtype(), DType::BF16);
 }
+
+/// The CPU engine decodes an adapted model with the adapters merged into its packed copy: a
+/// prefill through burn (the adapters as a side product), then host steps, give the full
+/// forward pass's logits (within 1e-5), for both PEFT fixtures.
+#[test]
+#[ignore = "needs AVX-512: .ci/run runs the avx512_ tests where the CPU has it"]
+fn avx512_host_engine_decodes_through_merged_adapters() {
+    for (adapter, base_name) in ADAPTERS {
+        let (_, model) = base::<FlexInner>(base_name);
+        let model = t1_model::load_adapter(model, &fixture(adapter)).unwrap();
+        let engine = t1_cpu::HostEngine::new(&model).expect("asked to test host decoding on a CPU without AVX-512F");
+        let (_, r) = peft_reference(adapter);
+        crate::model::check_cached_decoding(&model, &r, Some(engine));
+    }
+}

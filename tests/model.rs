@@ -116,7 +116,7 @@ fn kv_cache_decoding_matches_full_forward() {
     }
 }
 
-fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, engine: Option<HostEngine>) {
+pub(crate) fn check_cached_decoding(model: &Qwen2<FlexInner>, r: &Reference, engine: Option<HostEngine>) {
     let (b, t) = (r.batch, r.len);
     let full = to_vec(model.forward(&Inputs::dense(b, t, r.ids.clone()), None));
     let vocab = model.vocab_size();

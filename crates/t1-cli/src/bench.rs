@@ -101,6 +101,8 @@ pub struct BenchGenerate {
     pub lora_r: usize,
     /// Merge them into the weights first (timed with the decoding).
     pub merge: bool,
+    /// Decode through burn, not the CPU engine.
+    pub burn: bool,
 }
 
 impl BackendTask for BenchGenerate {
@@ -132,13 +134,18 @@ impl BackendTask for BenchGenerate {
         let start = Instant::now();
         let merged = self.merge.then(|| model.clone().merge_lora());
         let merge_s = start.elapsed().as_secs_f64();
-        let outs = t1_train::generate_sharded(merged.as_ref().unwrap_or(&model), &prompts, &sampling, &[], 0, &mut rng, self.threads);
+        let m = merged.as_ref().unwrap_or(&model);
+        let outs = if self.burn {
+            t1_train::generate::generate_through_burn(m, &prompts, &sampling, &[], 0, &mut rng)
+        } else {
+            t1_train::generate_sharded(m, &prompts, &sampling, &[], 0, &mut rng, self.threads)
+        };
         let secs = start.elapsed().as_secs_f64();
         let generated: usize = outs.iter().map(|o| o.tokens.len()).sum();
         anyhow::ensure!(generated == self.batch * self.new, "expected {} new tokens, got {generated}", self.batch * self.new);
         let line = serde_json::json!({
             "bench": "generate", "params": config.num_parameters(), "batch": self.batch, "prompt": self.prompt, "new": self.new,
-            "threads": self.threads, "dtype": format!("{:?}", self.dtype).to_lowercase(), "lora_r": self.lora_r, "merged": self.merge, "merge_s": merge_s,
+            "threads": self.threads, "dtype": format!("{:?}", self.dtype).to_lowercase(), "lora_r": self.lora_r, "merged": self.merge, "merge_s": merge_s, "decoder": if self.burn { "burn" } else { "auto" },
             "seconds": secs, "tokens_per_s": generated as f64 / secs, "peak_rss_mib": peak_rss_mib(),
         });
         println!("{line}");

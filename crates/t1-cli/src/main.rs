@@ -73,6 +73,9 @@ enum BenchCommand {
         /// With --lora-r: merge the adapters into the weights before decoding (timed)
         #[arg(long)]
         merge: bool,
+        /// Decode through burn even where the CPU engine (AVX-512) would run; one thread
+        #[arg(long)]
+        burn: bool,
     },
 }
 
@@ -381,12 +384,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             dispatch(&device, bench::BenchSft { model, batch, seq, steps, threads, dtype, checkpointing, lora_r })
         }
-        Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device, lora_r, merge } } => {
+        Command::Bench { command: BenchCommand::Generate { model, batch, prompt, new, threads, dtype, device, lora_r, merge, burn } } => {
             check_dtype(&device, &dtype)?;
             let dtype = t1_model::WeightDtype::parse(&dtype).context("dtype")?;
             anyhow::ensure!(batch > 0 && prompt > 0 && new > 0 && threads > 0, "--batch, --prompt, --new and --threads must be > 0");
             anyhow::ensure!(!merge || lora_r > 0, "--merge needs --lora-r");
-            dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype, lora_r, merge })
+            anyhow::ensure!(!burn || threads == 1, "--burn decodes on one thread: drop --threads");
+            dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype, lora_r, merge, burn })
         }
         Command::Merge { model, adapter, out, dtype } => model_cmds::merge(&model, &adapter, &out, dtype.as_deref()),
         Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),

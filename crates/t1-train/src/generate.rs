@@ -114,6 +114,12 @@ pub fn generate<B: FusedOps>(
     generate_with(model, HostEngine::new(model), 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
 }
 
+/// [`generate`] decoding through burn even where the CPU engine would run (benchmarks compare
+/// the two paths).
+pub fn generate_through_burn<B: FusedOps>(model: &Qwen2<B>, prompts: &[Vec<u32>], cfg: &SamplingConfig, eos: &[u32], pad: u32, rng: &mut ChaCha8Rng) -> Vec<Rollout> {
+    generate_with(model, None, 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
+}
+
 /// [`generate`] with the CPU engine for the model made by the caller (`None`: decoding through
 /// burn) and run on `threads` threads, the tokens of the rows in each range drawn from its own
 /// stream.
