@@ -11,4 +11,5 @@ mod kill;
 mod lora;
 mod model;
 mod save_direction;
+mod templates;
 mod train;

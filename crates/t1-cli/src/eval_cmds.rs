@@ -15,6 +15,8 @@ pub struct Eval {
     pub adapter: Option<PathBuf>,
     pub data: PathBuf,
     pub config: EvalConfig,
+    /// `--temperature`; unset: each checkpoint's generation_config.json (greedy without one)
+    pub temperature: Option<f32>,
     pub limit: usize,
     pub out: PathBuf,
 }
@@ -34,8 +36,9 @@ impl BackendTask for Eval {
             tokenizer.check_model_vocab(config.vocab_size)?;
             let name = model_name(dir);
             // the stop set RL uses: the model's EOS ids and the tokenizer's
-            let eval_cfg = t1_eval::EvalConfig { stop: t1_train::generate::stop_ids(&config, &tokenizer), ..self.config.clone() };
-            let report = t1_eval::evaluate(&model, &tokenizer, &problems, &eval_cfg, &name);
+            let temperature = self.temperature.unwrap_or_else(|| config.generation.as_ref().map_or(0.0, |g| g.sampling_defaults().0));
+            let eval_cfg = t1_eval::EvalConfig { stop: t1_train::generate::stop_ids(&config, &tokenizer), temperature, ..self.config.clone() };
+            let report = t1_eval::evaluate(&model, &tokenizer, &problems, &eval_cfg, &name)?;
             for b in &report.results {
                 eprintln!("{name}: budget {:>5} accuracy {:.3} pass@{} {:.3} maj@{} {:.3} tokens {:.1}", b.budget, b.accuracy, report.samples, b.pass_at_n, report.samples, b.majority_accuracy, b.mean_tokens);
             }
@@ -115,7 +118,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         200
     };
     let t = Instant::now();
-    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], adapter: None, data: data.join("test.jsonl"), config: eval_cfg, limit, out: out.to_path_buf() };
+    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg, limit, out: out.to_path_buf() };
     let reports = t1_backends::dispatch(device, task)??;
     timings.push(("eval", t.elapsed().as_secs_f32()));
     crate::report::write(out, &sft_dir, &rl_dir, &reports, &timings, started.elapsed().as_secs_f32())?;

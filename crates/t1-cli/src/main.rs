@@ -121,13 +121,16 @@ enum Command {
         prompts: Vec<String>,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
-        /// 0 = greedy
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
+        /// 0 = greedy. Unset: the checkpoint's generation_config.json, as transformers'
+        /// generate() (greedy when it has none or do_sample is false)
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Unset: from generation_config.json (1.0 when greedy)
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// 0 = off. Unset: from generation_config.json
+        #[arg(long)]
+        top_k: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value = "flex")]
@@ -185,9 +188,10 @@ enum Command {
         /// Samples per problem (> 1 adds pass@n and majority vote)
         #[arg(long, default_value_t = 1)]
         samples: usize,
-        /// 0 = greedy
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
+        /// 0 = greedy. Unset: the checkpoint's generation_config.json (greedy when it has none
+        /// or do_sample is false)
+        #[arg(long)]
+        temperature: Option<f32>,
         /// Appended when the budget runs out, before the short forced answer
         #[arg(long)]
         cue: Option<String>,
@@ -280,6 +284,25 @@ enum DataCommand {
         #[arg(long = "set")]
         sets: Vec<String>,
     },
+    /// Conversations through a tokenizer's own chat template: one
+    /// {"input_ids": [...], "loss_mask": [...]} line per conversation, as SFT trains on them
+    Tokenize {
+        /// Tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja) or
+        /// its tokenizer.json
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// SFT JSONL ({"messages": [...]} or {"prompt", "response"})
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Print the first N rendered conversations with the trained spans between « and »
+        #[arg(long, default_value_t = 0)]
+        show: usize,
+        /// Extra template variables as a JSON object, e.g. '{"enable_thinking": false}'
+        #[arg(long)]
+        template_kwargs: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -338,11 +361,13 @@ fn run(cli: Cli) -> Result<()> {
             dispatch(&device, model_cmds::Logits { model, adapter, ids, out, dtype })
         }
         Command::Generate { model, adapter, prompts, max_new_tokens, temperature, top_p, top_k, seed, device } => {
-            let sampling = t1_train::SamplingConfig { temperature, top_p, top_k, max_new_tokens };
-            sampling.validate().map_err(anyhow::Error::msg)?;
+            let sampling = model_cmds::SamplingArgs { temperature, top_p, top_k, max_new_tokens };
             dispatch(&device, model_cmds::Generate { model, adapter, prompts, sampling, seed })
         }
         Command::Data { command: DataCommand::Synth { out, config, sets } } => train_cmds::synth(&out, config.as_deref(), &sets),
+        Command::Data { command: DataCommand::Tokenize { tokenizer, input, output, show, template_kwargs } } => {
+            train_cmds::tokenize(&tokenizer, &input, &output, show, template_kwargs.as_deref())
+        }
         Command::Sft(a) => {
             let (config, resolved) = t1_train::load_config::<t1_train::sft::SftConfig>(Some(&a.config), &a.sets)?;
             config.validate()?;
@@ -365,12 +390,12 @@ fn run(cli: Cli) -> Result<()> {
             plan_cmd::run(plan_cmd::PlanArgs { stage, config, sets, device, memory, arch, prompt_tokens, json })
         }
         Command::Eval { model, adapter, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
-            let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), temperature, seed, threads: threads.max(1), ..Default::default() };
+            let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), seed, threads: threads.max(1), ..Default::default() };
             config.budgets.sort_unstable();
             if let Some(cue) = cue {
                 config.forced_answer_cue = cue;
             }
-            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, limit, out })??;
+            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, temperature, limit, out })??;
             Ok(())
         }
         Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing, lora_r } } => {

@@ -129,8 +129,31 @@ pub struct Generate {
     pub model: PathBuf,
     pub adapter: Option<PathBuf>,
     pub prompts: Vec<String>,
-    pub sampling: t1_train::SamplingConfig,
+    pub sampling: SamplingArgs,
     pub seed: u64,
+}
+
+/// Sampling flags; what is unset comes from the checkpoint's generation_config.json.
+pub struct SamplingArgs {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub max_new_tokens: usize,
+}
+
+impl SamplingArgs {
+    /// The flags over the checkpoint's defaults ([`t1_model::GenerationConfig::sampling_defaults`]).
+    pub fn resolve(&self, config: &Qwen2Config) -> Result<t1_train::SamplingConfig> {
+        let (t, p, k) = config.generation.as_ref().map(|g| g.sampling_defaults()).unwrap_or((0.0, 1.0, 0));
+        let sampling = t1_train::SamplingConfig {
+            temperature: self.temperature.unwrap_or(t),
+            top_p: self.top_p.unwrap_or(p),
+            top_k: self.top_k.unwrap_or(k),
+            max_new_tokens: self.max_new_tokens,
+        };
+        sampling.validate().map_err(anyhow::Error::msg)?;
+        Ok(sampling)
+    }
 }
 
 impl BackendTask for Generate {
@@ -141,12 +164,13 @@ impl BackendTask for Generate {
         let (config, model, tokenizer) = load_model::<B::InnerBackend>(&self.model, self.adapter.as_deref(), WeightDtype::F32, &device)?;
         let tokenizer = t1_data::ChatTokenizer::from_file(&tokenizer)?;
         tokenizer.check_model_vocab(config.vocab_size)?;
-        let prompts: Vec<Vec<u32>> = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect();
+        let prompts = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect::<Result<Vec<_>, _>>()?;
+        let sampling = self.sampling.resolve(&config)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let eos = t1_train::generate::stop_ids(&config, &tokenizer);
-        let outs = t1_train::generate(&model, &prompts, &self.sampling, &eos, tokenizer.pad_id(), &mut rng);
+        let outs = t1_train::generate(&model, &prompts, &sampling, &eos, tokenizer.pad_id(), &mut rng);
         for (p, o) in self.prompts.iter().zip(outs) {
-            let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "truncated": o.truncated});
+            let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "token_ids": o.tokens, "truncated": o.truncated});
             println!("{line}");
         }
         Ok(())

@@ -34,6 +34,41 @@ impl Default for SplitSizes {
     }
 }
 
+/// `t1 data tokenize`: each conversation of `input` through the tokenizer's chat template,
+/// written as `{"input_ids", "loss_mask"}` lines; the first `show` are printed with their
+/// trained spans marked.
+pub fn tokenize(tokenizer: &Path, input: &Path, output: &Path, show: usize, kwargs: Option<&str>) -> Result<()> {
+    let file = if tokenizer.is_dir() { tokenizer.join("tokenizer.json") } else { tokenizer.to_path_buf() };
+    let mut tok = t1_data::ChatTokenizer::from_file(&file)?;
+    if let Some(k) = kwargs {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(k).with_context(|| format!("--template-kwargs {k:?} is not a JSON object"))?;
+        tok = tok.with_template_kwargs(map);
+    }
+    let loaded = t1_data::read_sft(input, t1_data::OnBadLine::Error)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?);
+    let (mut tokens, mut trained) = (0usize, 0usize);
+    for (i, (ex, line)) in loaded.items.iter().zip(&loaded.lines).enumerate() {
+        let enc = tok.encode_chat_detailed(&ex.messages, false).with_context(|| format!("{}:{line}", input.display()))?;
+        if i < show {
+            println!("--- {}:{line} ({} tokens, {} trained)\n{}", input.display(), enc.ids.len(), enc.loss_mask.iter().filter(|m| **m).count(), enc.marked("«", "»"));
+        }
+        tokens += enc.ids.len();
+        trained += enc.loss_mask.iter().filter(|m| **m).count();
+        let mask: Vec<u8> = enc.loss_mask.iter().map(|m| *m as u8).collect();
+        serde_json::to_writer(&mut out, &serde_json::json!({"input_ids": enc.ids, "loss_mask": mask}))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "{} conversations, {tokens} tokens ({trained} trained) with the chat template of {} -> {}",
+        loaded.items.len(),
+        tok.template().origin(),
+        output.display()
+    );
+    Ok(())
+}
+
 /// Writes the laptop task: sft_train.jsonl, sft_eval.jsonl, rl.jsonl, test.jsonl, tokenizer.json.
 pub fn synth(out: &Path, config: Option<&Path>, sets: &[String]) -> Result<()> {
     let (mut cfg, _) = t1_train::load_config::<SynthConfig>(config, sets)?;

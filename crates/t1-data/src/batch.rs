@@ -12,11 +12,11 @@ pub struct TokenizedExample {
 }
 
 /// Encodes an SFT conversation with the chat template and keeps its first `max_len` tokens.
-pub fn tokenize_sft(tok: &ChatTokenizer, ex: &SftExample, max_len: usize) -> TokenizedExample {
-    let (mut ids, mut loss_mask) = tok.encode_chat(&ex.messages, false);
+pub fn tokenize_sft(tok: &ChatTokenizer, ex: &SftExample, max_len: usize) -> Result<TokenizedExample, crate::DataError> {
+    let (mut ids, mut loss_mask) = tok.encode_chat(&ex.messages, false)?;
     ids.truncate(max_len);
     loss_mask.truncate(max_len);
-    TokenizedExample { ids, loss_mask }
+    Ok(TokenizedExample { ids, loss_mask })
 }
 
 /// A right-padded batch; every field is row-major (B, T) with B = `batch`, T = `len`.
@@ -92,10 +92,10 @@ mod tests {
     fn tokenize_sft_truncates() {
         let tok = crate::train_bpe(&["Compute 1 + 2.".to_string()], 300).unwrap();
         let ex = crate::task::sft_example(&crate::generate(&Default::default(), 1, 1)[0]);
-        let full = tokenize_sft(&tok, &ex, usize::MAX);
-        let cut = tokenize_sft(&tok, &ex, 10);
+        let full = tokenize_sft(&tok, &ex, usize::MAX).unwrap();
+        let cut = tokenize_sft(&tok, &ex, 10).unwrap();
         assert_eq!(cut.ids, full.ids[..10]);
         assert_eq!(cut.loss_mask, full.loss_mask[..10]);
-        assert_eq!(full.ids.len(), tok.encode_chat(&ex.messages, false).0.len());
+        assert_eq!(full.ids.len(), tok.encode_chat(&ex.messages, false).unwrap().0.len());
     }
 }

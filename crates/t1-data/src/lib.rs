@@ -1,4 +1,4 @@
-//! Data for t1: the chat tokenizer (Qwen2.5 template and loss mask), JSONL readers for SFT
+//! Data for t1: the chat tokenizer (the checkpoint's own chat template and its loss mask), JSONL readers for SFT
 //! examples and RL problems, right-padded SFT batches, and the laptop-scale task, a seeded
 //! generator of arithmetic problems whose solutions are written in the T1 trial-and-error
 //! style (attempt → check → detected mistake → retry → verify → `\boxed{answer}`).
@@ -11,12 +11,14 @@
 mod batch;
 mod jsonl;
 mod task;
+mod template;
 mod tokenizer;
 
 pub use batch::{pad_batch, tokenize_sft, SftBatch, TokenizedExample};
 pub use jsonl::{read_problems, read_sft, write_jsonl, Loaded, Message, OnBadLine, Problem, SftExample};
 pub use task::{generate, problem, sft_example, splits, Sample, Splits, TaskConfig};
-pub use tokenizer::{train_bpe, ChatTokenizer, ENDOFTEXT, IM_END, IM_START};
+pub use template::{ChatTemplate, Rendered, TemplateVars, BUILTIN_TEMPLATE};
+pub use tokenizer::{train_bpe, ChatEncoding, ChatTokenizer, CHAT_TEMPLATE_FILE, ENDOFTEXT, IM_END, IM_START, TOKENIZER_CONFIG_FILE};
 
 use std::path::{Path, PathBuf};
 
@@ -67,14 +69,25 @@ pub enum DataError {
         /// What went wrong.
         message: String,
     },
-    /// The tokenizer lacks a special token the chat template needs.
+    /// The tokenizer lacks the EOS token its config names (or `<|im_end|>` when it names none).
     #[error(
-        "tokenizer has no {token} token; t1 needs the Qwen2.5 chat special tokens <|im_start|> \
-         and <|im_end|> (use a Qwen2.5 tokenizer.json or one made by `train_bpe`)"
+        "tokenizer{} has no {token} token, which is where a chat response ends; name the tokenizer's \
+         end-of-turn token as eos_token in its tokenizer_config.json (t1 assumes Qwen's <|im_end|> \
+         when none is named)", context_suffix(.path)
     )]
     MissingSpecialToken {
         /// The missing token's text.
         token: String,
+        /// The tokenizer file.
+        path: Option<PathBuf>,
+    },
+    /// A chat template failed to compile or render.
+    #[error("chat template of {origin}: {message}")]
+    Template {
+        /// The file (or built-in format) the template came from.
+        origin: String,
+        /// What went wrong.
+        message: String,
     },
     /// The tokenizer can emit ids the model has no embedding for.
     #[error(

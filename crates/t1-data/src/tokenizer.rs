@@ -1,8 +1,10 @@
-//! The chat tokenizer: a `tokenizers::Tokenizer` plus the ids of the Qwen2.5 chat special
-//! tokens, the chat template with its loss mask, and a small byte-level BPE trainer for
-//! models trained from scratch.
+//! The chat tokenizer: a `tokenizers::Tokenizer`, the checkpoint's own chat template
+//! (`tokenizer_config.json`'s `chat_template` or `chat_template.jinja`, rendered as
+//! transformers renders it) with the SFT loss mask it implies, and a small byte-level BPE
+//! trainer for models trained from scratch.
 
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -11,6 +13,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, Tokenizer};
 
+use crate::template::{ChatTemplate, TemplateVars};
 use crate::{DataError, Message};
 
 /// End of a document; the padding token (Qwen2.5 id 151643).
@@ -20,33 +23,57 @@ pub const IM_START: &str = "<|im_start|>";
 /// Closes a chat turn; the end-of-sequence token of Qwen2.5 chat models (id 151645).
 pub const IM_END: &str = "<|im_end|>";
 
-/// A tokenizer with the Qwen2.5 chat template.
+/// The tokenizer's settings file next to `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+/// A chat template in a file of its own (transformers ≥ 4.43 saves it so); it wins over
+/// `tokenizer_config.json`'s `chat_template`.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// A tokenizer with its chat template.
 ///
-/// Text is encoded without special-token handling: a literal `<|im_end|>` inside a message
-/// is encoded as ordinary text, so user content can never forge a turn boundary. Special
-/// tokens enter only through [`ChatTokenizer::encode_chat`].
+/// [`Self::encode`] encodes plain text without special-token handling: a literal
+/// `<|im_end|>` is encoded as ordinary text. A rendered chat ([`Self::encode_chat`]) is
+/// tokenized as transformers' `apply_chat_template(tokenize=True)` does, with special-token
+/// strings parsed as special tokens, so its ids equal transformers'.
 #[derive(Clone)]
 pub struct ChatTokenizer {
     tok: Tokenizer,
+    chat: Tokenizer,
     vocab_size: usize,
-    im_start: u32,
-    im_end: u32,
+    eos: u32,
     pad: u32,
+    template: ChatTemplate,
+    vars: TemplateVars,
+    /// `tokenizer_config.json` as read (None: t1's own tokenizer, or none on disk).
+    config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The template came from `chat_template.jinja`.
+    template_file: bool,
 }
 
 impl std::fmt::Debug for ChatTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTokenizer")
             .field("vocab_size", &self.vocab_size)
-            .field("im_start", &self.im_start)
-            .field("im_end", &self.im_end)
+            .field("eos", &self.eos)
             .field("pad", &self.pad)
+            .field("template", &self.template)
             .finish()
     }
 }
 
+/// A special token in `tokenizer_config.json`: a string, or an AddedToken dict with `content`.
+fn special_token(config: &serde_json::Map<String, serde_json::Value>, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
 impl ChatTokenizer {
-    /// Loads a Hugging Face `tokenizer.json` (e.g. Qwen2.5's, or one saved by [`Self::save`]).
+    /// Loads a Hugging Face `tokenizer.json` with the `tokenizer_config.json` and
+    /// `chat_template.jinja` beside it. A tokenizer without a template gets t1's built-in
+    /// format ([`crate::BUILTIN_TEMPLATE`]) and a warning on stderr.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         if !path.exists() {
             return Err(DataError::io(
@@ -56,29 +83,111 @@ impl ChatTokenizer {
         }
         let tok = Tokenizer::from_file(path)
             .map_err(|e| DataError::Tokenizer { path: Some(path.to_path_buf()), message: e.to_string() })?;
-        Self::from_tokenizer(tok)
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let config = match std::fs::read_to_string(&config_path) {
+            Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(serde_json::Value::Object(m)) => Some(m),
+                Ok(_) => return Err(DataError::Tokenizer { path: Some(config_path), message: "not a JSON object".into() }),
+                Err(e) => return Err(DataError::Tokenizer { path: Some(config_path), message: format!("not valid JSON: {e}") }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(DataError::io(&config_path, e)),
+        };
+        let jinja_path = dir.join(CHAT_TEMPLATE_FILE);
+        let (template, template_file) = match std::fs::read_to_string(&jinja_path) {
+            Ok(src) => (Some(ChatTemplate::new(&src, &jinja_path.display().to_string())?), true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, false),
+            Err(e) => return Err(DataError::io(&jinja_path, e)),
+        };
+        let template = match (template, &config) {
+            (Some(t), _) => Some(t),
+            (None, Some(c)) => config_template(c, &config_path)?,
+            (None, None) => None,
+        };
+        let template = template.unwrap_or_else(|| {
+            eprintln!(
+                "warning: {} has no chat_template (nor is there a {CHAT_TEMPLATE_FILE}); using t1's built-in \
+                 Qwen2.5-style format without a default system prompt. If the model was trained on another \
+                 format, add its template to tokenizer_config.json.",
+                dir.display()
+            );
+            ChatTemplate::builtin()
+        });
+        Self::build(tok, template, config, template_file, Some(path))
     }
 
-    /// Wraps a tokenizer; it must have the `<|im_start|>` and `<|im_end|>` tokens.
-    pub fn from_tokenizer(mut tok: Tokenizer) -> Result<Self, DataError> {
-        let id = |t: &str| {
-            tok.token_to_id(t).ok_or_else(|| DataError::MissingSpecialToken { token: t.to_string() })
-        };
-        let im_start = id(IM_START)?;
-        let im_end = id(IM_END)?;
-        let pad = tok.token_to_id(ENDOFTEXT).unwrap_or(im_end);
+    /// Wraps a tokenizer with t1's built-in chat format; it must have `<|im_end|>`.
+    pub fn from_tokenizer(tok: Tokenizer) -> Result<Self, DataError> {
+        Self::build(tok, ChatTemplate::builtin(), None, false, None)
+    }
+
+    fn build(
+        mut tok: Tokenizer,
+        template: ChatTemplate,
+        config: Option<serde_json::Map<String, serde_json::Value>>,
+        template_file: bool,
+        path: Option<&Path>,
+    ) -> Result<Self, DataError> {
+        let cfg = config.clone().unwrap_or_default();
+        let eos_token = special_token(&cfg, "eos_token").unwrap_or_else(|| IM_END.to_string());
+        let eos = tok.token_to_id(&eos_token).ok_or_else(|| DataError::MissingSpecialToken {
+            token: eos_token.clone(),
+            path: path.map(Path::to_path_buf),
+        })?;
+        let pad = special_token(&cfg, "pad_token")
+            .and_then(|t| tok.token_to_id(&t))
+            .or_else(|| tok.token_to_id(ENDOFTEXT))
+            .unwrap_or(eos);
+        let bos_token = special_token(&cfg, "bos_token").unwrap_or_default();
         // Ids may have gaps, so the embedding needs max id + 1 rows, not the token count.
         let max_id = tok.get_vocab(true).into_values().max().unwrap_or(0);
         let vocab_size = (max_id as usize + 1).max(tok.get_vocab_size(true));
+        let mut chat = tok.clone();
+        chat.set_encode_special_tokens(false);
         tok.set_encode_special_tokens(true);
-        Ok(Self { tok, vocab_size, im_start, im_end, pad })
+        let vars = TemplateVars { bos_token, eos_token, extra: Default::default() };
+        Ok(Self { tok, chat, vocab_size, eos, pad, template, vars, config, template_file })
     }
 
-    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    /// Extra template variables (transformers' `apply_chat_template(**kwargs)`, verl's
+    /// `data.apply_chat_template_kwargs`), e.g. `enable_thinking = false`.
+    pub fn with_template_kwargs(mut self, extra: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.vars.extra = extra;
+        self
+    }
+
+    /// The chat template in use.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`, with its
+    /// `tokenizer_config.json` (holding the chat template) beside it, and
+    /// `chat_template.jinja` when the template came from one.
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
         self.tok
             .save(path, true)
-            .map_err(|e| DataError::Tokenizer { path: Some(path.to_path_buf()), message: e.to_string() })
+            .map_err(|e| DataError::Tokenizer { path: Some(path.to_path_buf()), message: e.to_string() })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut config = self.config.clone().unwrap_or_else(|| {
+            let mut m = serde_json::Map::new();
+            m.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+            m.insert("eos_token".into(), self.vars.eos_token.clone().into());
+            m.insert("pad_token".into(), self.tok.id_to_token(self.pad).unwrap_or_default().into());
+            m.insert("bos_token".into(), serde_json::Value::Null);
+            m.insert("add_bos_token".into(), false.into());
+            m
+        });
+        if self.template_file {
+            let jinja = dir.join(CHAT_TEMPLATE_FILE);
+            std::fs::write(&jinja, self.template.source()).map_err(|e| DataError::io(&jinja, e))?;
+        } else if !config.contains_key("chat_template") {
+            config.insert("chat_template".into(), self.template.source().into());
+        }
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&config).expect("a JSON map serialises");
+        std::fs::write(&config_path, text).map_err(|e| DataError::io(&config_path, e))
     }
 
     /// Number of ids, added tokens included: the smallest model `vocab_size` that fits.
@@ -86,22 +195,18 @@ impl ChatTokenizer {
         self.vocab_size
     }
 
-    /// `<|im_end|>`, where generation stops (Qwen2.5 chat EOS).
+    /// The tokenizer's `eos_token` (`<|im_end|>` when its config names none): where a chat
+    /// response ends.
     pub fn eos_id(&self) -> u32 {
-        self.im_end
+        self.eos
     }
 
-    /// `<|endoftext|>` if the tokenizer has it, else [`Self::eos_id`].
+    /// The `pad_token`, else `<|endoftext|>` if the tokenizer has it, else [`Self::eos_id`].
     pub fn pad_id(&self) -> u32 {
         self.pad
     }
 
-    /// `<|im_start|>`.
-    pub fn im_start_id(&self) -> u32 {
-        self.im_start
-    }
-
-    /// The wrapped `tokenizers` tokenizer.
+    /// The wrapped `tokenizers` tokenizer (special-token strings in text stay text).
     pub fn inner(&self) -> &Tokenizer {
         &self.tok
     }
@@ -124,41 +229,95 @@ impl ChatTokenizer {
         self.tok.decode(ids, true).unwrap_or_default()
     }
 
-    /// Encodes a conversation in the Qwen2.5 chat format,
-    /// `<|im_start|>{role}\n{content}<|im_end|>\n` per message, and with
-    /// `add_generation_prompt` appends `<|im_start|>assistant\n`.
-    ///
-    /// Returns `(ids, loss_mask)`, both of length T; `loss_mask[t]` is true exactly on the
-    /// content tokens of assistant messages and on their closing `<|im_end|>` (so the model
-    /// learns to stop), never on role headers, the `\n` after `<|im_end|>` or other turns.
-    /// Unlike Qwen2.5's Jinja template, no default system prompt is inserted.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> (Vec<u32>, Vec<bool>) {
-        let mut ids = Vec::new();
-        let mut mask = Vec::new();
-        let mut push = |new: &[u32], on: bool| {
-            ids.extend_from_slice(new);
-            mask.extend(std::iter::repeat_n(on, new.len()));
-        };
-        for m in messages {
-            let learn = m.role == "assistant";
-            push(&[self.im_start], false);
-            push(&self.encode(&format!("{}\n", m.role)), false);
-            push(&self.encode(&m.content), learn);
-            push(&[self.im_end], learn);
-            push(&self.encode("\n"), false);
-        }
-        if add_generation_prompt {
-            push(&[self.im_start], false);
-            push(&self.encode("assistant\n"), false);
-        }
-        (ids, mask)
+    /// Renders a conversation with the chat template, as
+    /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=..)`.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, DataError> {
+        Ok(self.template.render(messages, add_generation_prompt, &self.vars)?.text)
     }
 
-    /// A single user turn followed by the generation prompt, ready for sampling. For a
-    /// system prompt, call [`Self::encode_chat`] with a `system` message first.
-    pub fn encode_prompt(&self, prompt: &str) -> Vec<u32> {
+    /// Encodes a conversation with the chat template: the ids are transformers'
+    /// `apply_chat_template(messages, tokenize=True, add_generation_prompt=..)`.
+    ///
+    /// Returns `(ids, loss_mask)`, both of length T. The mask is true on the tokens an
+    /// assistant turn generates: with `{% generation %}` blocks, the tokens they produce (as
+    /// transformers' `return_assistant_tokens_mask`); otherwise, for each assistant message,
+    /// the tokens after the rendering of the conversation before it with
+    /// `add_generation_prompt` (the prompt the model sees when it answers; where the turn
+    /// departs from that prompt, from there) up to and including the first EOS: what the model
+    /// must generate, never a role header.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+        let enc = self.encode_chat_detailed(messages, add_generation_prompt)?;
+        Ok((enc.ids, enc.loss_mask))
+    }
+
+    /// The ids of [`Self::encode_chat`] without the loss mask.
+    pub fn chat_ids(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>, DataError> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        let enc = self.chat.encode_fast(text.as_str(), false).map_err(|e| DataError::Tokenizer { path: None, message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`Self::encode_chat`] with the rendered text and each token's byte range in it.
+    pub fn encode_chat_detailed(&self, messages: &[Message], add_generation_prompt: bool) -> Result<ChatEncoding, DataError> {
+        let full = self.template.render(messages, add_generation_prompt, &self.vars)?;
+        let enc = self
+            .chat
+            .encode(full.text.as_str(), false)
+            .map_err(|e| DataError::Tokenizer { path: None, message: e.to_string() })?;
+        let ids = enc.get_ids().to_vec();
+        let offsets = enc.get_offsets().to_vec();
+        let spans = if self.template.has_generation_blocks() {
+            full.generation
+        } else {
+            self.assistant_spans(messages, &full.text, &ids, &offsets)?
+        };
+        let loss_mask = offsets.iter().map(|&(s, e)| spans.iter().any(|r| s < r.end && e > r.start)).collect();
+        Ok(ChatEncoding { text: full.text, ids, loss_mask, offsets })
+    }
+
+    /// Byte ranges of the assistant turns of `text` (the whole rendering) found by rendering
+    /// prefixes (TRL's approach for templates without generation blocks).
+    fn assistant_spans(&self, messages: &[Message], text: &str, ids: &[u32], offsets: &[(usize, usize)]) -> Result<Vec<Range<usize>>, DataError> {
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let prompt = self.template.render(&messages[..i], true, &self.vars)?.text;
+            let mut start = prompt.bytes().zip(text.bytes()).take_while(|(a, b)| a == b).count();
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            if start < prompt.len() {
+                // The turn departs from the generation prompt (Qwen3 with enable_thinking =
+                // false prompts with an empty think block that earlier turns do not have): it is
+                // trained from where it departs if the conversation before it is unchanged and
+                // the message's content starts right there (so no role header is trained).
+                let before = self.template.render(&messages[..i], false, &self.vars)?.text;
+                let content = m.content.trim();
+                if !text.starts_with(&before) || start < before.len() || content.is_empty() || !text[start..].starts_with(content) {
+                    return Err(DataError::Template {
+                        origin: self.template.origin().to_string(),
+                        message: format!(
+                            "the template renders the conversation before message {i} differently once message {i} \
+                             follows, so the tokens of assistant message {i} cannot be found; mark them with \
+                             {{% generation %}}…{{% endgeneration %}} in the template"
+                        ),
+                    });
+                }
+            }
+            let end = ids
+                .iter()
+                .zip(offsets)
+                .find(|(id, (s, _))| *s >= start && **id == self.eos)
+                .map_or(text.len(), |(_, (_, e))| *e);
+            spans.push(start..end);
+        }
+        Ok(spans)
+    }
+
+    /// A single user turn followed by the generation prompt, ready for sampling: the RL and
+    /// evaluation prompt, from the same template as SFT.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, DataError> {
         let user = Message { role: "user".into(), content: prompt.into() };
-        self.encode_chat(&[user], true).0
+        self.chat_ids(&[user], true)
     }
 
     /// Errors when this tokenizer can emit ids at or above the model's `vocab_size`.
@@ -168,6 +327,75 @@ impl ChatTokenizer {
             return Err(DataError::VocabMismatch { tokenizer: self.vocab_size, model: model_vocab_size });
         }
         Ok(())
+    }
+}
+
+/// A conversation through the chat template ([`ChatTokenizer::encode_chat_detailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatEncoding {
+    /// The rendered text.
+    pub text: String,
+    /// Token ids of `text`.
+    pub ids: Vec<u32>,
+    /// True on the tokens an assistant turn generates.
+    pub loss_mask: Vec<bool>,
+    /// Byte range of each token in `text`.
+    pub offsets: Vec<(usize, usize)>,
+}
+
+impl ChatEncoding {
+    /// `text` with each run of trained tokens between `open` and `close` (the check people
+    /// run before a long SFT).
+    pub fn marked(&self, open: &str, close: &str) -> String {
+        let mut out = String::with_capacity(self.text.len() + 16);
+        let mut at = 0;
+        let mut t = 0;
+        while t < self.ids.len() {
+            if !self.loss_mask[t] {
+                t += 1;
+                continue;
+            }
+            let first = t;
+            while t < self.ids.len() && self.loss_mask[t] {
+                t += 1;
+            }
+            let start = floor_char(&self.text, self.offsets[first].0.max(at));
+            let end = floor_char(&self.text, self.offsets[t - 1].1.max(start));
+            out.push_str(&self.text[at..start]);
+            out.push_str(open);
+            out.push_str(&self.text[start..end]);
+            out.push_str(close);
+            at = end;
+        }
+        out.push_str(&self.text[at..]);
+        out
+    }
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// `tokenizer_config.json`'s `chat_template`: a string, or transformers' list of named
+/// templates (`[{"name": "default", "template": ..}, ..]`), of which "default" is used.
+fn config_template(config: &serde_json::Map<String, serde_json::Value>, path: &PathBuf) -> Result<Option<ChatTemplate>, DataError> {
+    let origin = path.display().to_string();
+    let bad = |message: String| DataError::Template { origin: origin.clone(), message };
+    match config.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(ChatTemplate::new(s, &origin)?)),
+        Some(serde_json::Value::Array(list)) => {
+            let named = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+            let src = named.and_then(|t| t.get("template")).and_then(|t| t.as_str()).ok_or_else(|| {
+                bad("chat_template is a list of named templates without one named \"default\"; add one".into())
+            })?;
+            Ok(Some(ChatTemplate::new(src, &format!("{origin} (template \"default\")"))?))
+        }
+        Some(_) => Err(bad("chat_template must be a string or a list of {name, template}".into())),
     }
 }
 
@@ -228,7 +456,6 @@ mod tests {
     fn special_ids_and_vocab_size() {
         let tok = small_tokenizer();
         assert_eq!(tok.pad_id(), 0);
-        assert_eq!(tok.im_start_id(), 1);
         assert_eq!(tok.eos_id(), 2);
         assert!(tok.vocab_size() > 259 && tok.vocab_size() <= 400, "{}", tok.vocab_size());
         assert!(tok.check_model_vocab(tok.vocab_size()).is_ok());
@@ -246,7 +473,7 @@ mod tests {
             msg("user", "And 2 + 2?"),
             msg("assistant", "\\boxed{4}"),
         ];
-        let (ids, mask) = tok.encode_chat(&msgs, false);
+        let (ids, mask) = tok.encode_chat(&msgs, false).unwrap();
         assert_eq!(ids.len(), mask.len());
         // The masked tokens are exactly the two assistant contents, each with <|im_end|>.
         let masked: Vec<u32> = ids.iter().zip(&mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect();
@@ -271,10 +498,10 @@ mod tests {
     #[test]
     fn prompt_ends_with_generation_header() {
         let tok = small_tokenizer();
-        let ids = tok.encode_prompt("Compute 1 + 2.");
+        let ids = tok.encode_prompt("Compute 1 + 2.").unwrap();
         let text = tok.inner().decode(&ids, false).unwrap();
         assert_eq!(text, "<|im_start|>user\nCompute 1 + 2.<|im_end|>\n<|im_start|>assistant\n");
-        let (_, mask) = tok.encode_chat(&[msg("user", "x")], true);
+        let (_, mask) = tok.encode_chat(&[msg("user", "x")], true).unwrap();
         assert!(mask.iter().all(|m| !m));
     }
 
@@ -327,13 +554,82 @@ mod tests {
         assert_eq!(back.eos_id(), tok.eos_id());
         let text = "Compute 7 + 3 * 4 - 5. <|im_end|>";
         assert_eq!(back.encode(text), tok.encode(text));
+        // the built-in format is written into tokenizer_config.json, so the saved tokenizer
+        // carries the template it was trained with
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(TOKENIZER_CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(config["chat_template"].as_str(), Some(crate::BUILTIN_TEMPLATE));
+        assert_eq!(config["eos_token"].as_str(), Some(IM_END));
+        assert!(back.template().origin().ends_with(TOKENIZER_CONFIG_FILE), "{}", back.template().origin());
+        let msgs = [msg("user", "Compute 1 + 2."), msg("assistant", "\\boxed{3}")];
+        assert_eq!(back.encode_chat(&msgs, false).unwrap(), tok.encode_chat(&msgs, false).unwrap());
+    }
+
+    /// The laptop task's ids and masks are what t1 produced before templates were rendered
+    /// (each piece encoded on its own), so rendering the built-in template changes no data.
+    #[test]
+    fn builtin_template_encodes_task_data_as_the_piecewise_format() {
+        let tok = small_tokenizer();
+        for s in generate(&TaskConfig::default(), 11, 100) {
+            let ex = crate::sft_example(&s);
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for m in &ex.messages {
+                let learn = m.role == "assistant";
+                let mut push = |new: &[u32], on: bool| {
+                    ids.extend_from_slice(new);
+                    mask.extend(std::iter::repeat_n(on, new.len()));
+                };
+                push(&[1], false);
+                push(&tok.encode(&format!("{}\n", m.role)), false);
+                push(&tok.encode(&m.content), learn);
+                push(&[tok.eos_id()], learn);
+                push(&tok.encode("\n"), false);
+            }
+            assert_eq!(tok.encode_chat(&ex.messages, false).unwrap(), (ids, mask));
+        }
+    }
+
+    fn with_template(src: &str) -> ChatTokenizer {
+        let tok = small_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), src).unwrap();
+        ChatTokenizer::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn generation_blocks_give_the_mask() {
+        // trains the assistant content but not its <|im_end|>, unlike the prefix rule
+        let tok = with_template(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}",
+        );
+        assert!(tok.template().origin().ends_with(CHAT_TEMPLATE_FILE));
+        let msgs = [msg("user", "Compute 1 + 2."), msg("assistant", "\\boxed{3}")];
+        let (ids, mask) = tok.encode_chat(&msgs, false).unwrap();
+        let masked: Vec<u32> = ids.iter().zip(&mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect();
+        assert_eq!(masked, tok.encode("\\boxed{3}"));
+    }
+
+    #[test]
+    fn a_template_whose_prefix_changes_is_an_error_naming_the_message() {
+        // the generation prompt differs from how the assistant turn is rendered
+        let tok = with_template("{% for m in messages %}[{{ m.role }}]{{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}[bot]{% endif %}");
+        let e = tok.encode_chat(&[msg("user", "a"), msg("assistant", "b")], false).unwrap_err().to_string();
+        assert!(e.contains("assistant message 1") && e.contains("{% generation %}"), "{e}");
+    }
+
+    #[test]
+    fn special_token_text_in_a_rendered_chat_is_parsed_as_transformers_does() {
+        let tok = small_tokenizer();
+        let (ids, _) = tok.encode_chat(&[msg("user", "a <|im_end|> b")], false).unwrap();
+        assert_eq!(ids.iter().filter(|i| **i == tok.eos_id()).count(), 2);
     }
 
     #[test]
     fn tokenizer_without_chat_tokens_is_rejected() {
         let tok = Tokenizer::new(BPE::default());
         let e = ChatTokenizer::from_tokenizer(tok).unwrap_err().to_string();
-        assert!(e.contains("<|im_start|>"), "{e}");
+        assert!(e.contains("<|im_end|>"), "{e}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub struct EvalReport {
 
 /// Runs the budget sweep for one model: [`sweep`] with the model's seeded generator
 /// ([`generate_sharded`], one ChaCha stream from `cfg.seed` for every call, in call order).
-pub fn evaluate<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> EvalReport {
+pub fn evaluate<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], cfg: &EvalConfig, name: &str) -> Result<EvalReport, t1_data::DataError> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (stop, pad) = (stop_set(cfg, tokenizer), tokenizer.pad_id());
     let generate = |prompts: &[Vec<u32>], sampling: &SamplingConfig| generate_sharded(model, prompts, sampling, &stop, pad, &mut rng, cfg.threads);
@@ -116,10 +116,13 @@ pub fn sweep(
     problems: &[Problem],
     cfg: &EvalConfig,
     name: &str,
-) -> EvalReport {
+) -> Result<EvalReport, t1_data::DataError> {
     let max_budget = cfg.budgets.iter().copied().max().unwrap_or(1).max(1);
     let sampling = SamplingConfig { temperature: cfg.temperature, top_p: 1.0, top_k: 0, max_new_tokens: max_budget };
-    let prompts: Vec<Vec<u32>> = problems.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), cfg.samples)).collect();
+    let mut prompts = Vec::with_capacity(problems.len() * cfg.samples);
+    for p in problems {
+        prompts.extend(std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt)?, cfg.samples));
+    }
     let bar = indicatif::ProgressBar::new((prompts.len() * (1 + cfg.budgets.len())) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]").expect("template"));
     let mut full = Vec::with_capacity(prompts.len());
@@ -141,7 +144,7 @@ pub fn sweep(
         results.push(summarise(budget, &grades, &used, forced, cfg.samples, problems, &cfg.grader));
     }
     bar.finish_and_clear();
-    EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results }
+    Ok(EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results })
 }
 
 /// One response as read off at a budget.
@@ -386,7 +389,7 @@ mod tests {
     #[test]
     fn sweep_cuts_at_the_budget_and_forces_only_unfinished_responses() {
         let (tok, problems, cfg, mut script) = two_problems();
-        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m").unwrap();
         // budget 4: r1 and r2 forced (cut at 4); r1's forced 7 is right, r2's is wrong; r0, r3 kept
         // (3 and 4 tokens) without an answer. maj: problem 7 votes 7 (right), problem 8 votes 7.
         // budget 10: r1 forced at 10 tokens (right); r2 kept, 10 tokens, right.
@@ -397,8 +400,8 @@ mod tests {
     #[test]
     fn sweep_generates_once_then_forces_from_the_cut_response_and_the_cue() {
         let (tok, problems, cfg, mut script) = two_problems();
-        sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
-        let (p0, p1) = (tok.encode_prompt("Compute 3 + 4."), tok.encode_prompt("Compute 2 * 4."));
+        sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m").unwrap();
+        let (p0, p1) = (tok.encode_prompt("Compute 3 + 4.").unwrap(), tok.encode_prompt("Compute 2 * 4.").unwrap());
         let input = |prompt: &[u32], response: &str| [prompt, &tok.encode(response), &tok.encode(CUE)].concat();
         let sampling = SamplingConfig { temperature: 0.7, top_p: 1.0, top_k: 0, max_new_tokens: 10 };
         let forced = SamplingConfig::greedy(cfg.answer_tokens);
@@ -413,7 +416,7 @@ mod tests {
     #[test]
     fn forced_text_is_the_cut_response_the_cue_and_the_answer() {
         let (tok, problems, cfg, mut script) = two_problems();
-        let prompts: Vec<Vec<u32>> = problems.iter().flat_map(|p| [tok.encode_prompt(&p.prompt), tok.encode_prompt(&p.prompt)]).collect();
+        let prompts: Vec<Vec<u32>> = problems.iter().flat_map(|p| [tok.encode_prompt(&p.prompt).unwrap(), tok.encode_prompt(&p.prompt).unwrap()]).collect();
         let mut generate = |p: &[Vec<u32>], s: &SamplingConfig| script.generate(p, s);
         let full = generate(&prompts, &SamplingConfig::greedy(10));
         let at = |text: &str, used, forced| AtBudget { text: text.into(), used, forced };
@@ -439,17 +442,17 @@ mod tests {
         response.push(other);
         let mut script = Script { eos: tok.eos_id(), responses: vec![response], answer: ids(&tok, "8}<eos>"), served: 0, calls: vec![] };
         let cfg = EvalConfig { budgets: vec![20], samples: 1, forced_answer_cue: CUE.into(), stop: vec![tok.eos_id(), other], ..Default::default() };
-        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        let report = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m").unwrap();
         assert_eq!((report.results[0].forced_fraction, report.results[0].accuracy), (0.0, 1.0), "{report:?}");
     }
 
     #[test]
     fn batches_do_not_change_the_sweep() {
         let (tok, problems, cfg, mut script) = two_problems();
-        let whole = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m");
+        let whole = sweep(|p, s| script.generate(p, s), &tok, &problems, &cfg, "m").unwrap();
         let (_, _, _, mut one_by_one) = two_problems();
         let cfg = EvalConfig { batch: 1, ..cfg };
-        assert_eq!(sweep(|p, s| one_by_one.generate(p, s), &tok, &problems, &cfg, "m"), whole);
+        assert_eq!(sweep(|p, s| one_by_one.generate(p, s), &tok, &problems, &cfg, "m").unwrap(), whole);
         // 4 prompts, then 2 and 1 forced answers, one per call
         assert_eq!(one_by_one.calls.len(), 4 + 2 + 1);
         assert!(one_by_one.calls.iter().all(|(p, _)| p.len() == 1));

@@ -57,6 +57,71 @@ pub struct Qwen2Config {
     /// Every other field (`torch_dtype`, `transformers_version`, ...), kept for round trips.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// The checkpoint's `generation_config.json`, read by [`crate::load`] and written back by
+    /// [`crate::save`] (not a field of config.json).
+    #[serde(skip)]
+    pub generation: Option<GenerationConfig>,
+}
+
+/// `generation_config.json`: the stop ids and sampling defaults a checkpoint ships with.
+/// Unknown fields (`repetition_penalty`, ...) are kept for round trips.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// One id or a list of ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The file name of [`GenerationConfig`] in a checkpoint directory.
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+
+impl GenerationConfig {
+    /// `dir/generation_config.json`, or `None` when the checkpoint has none.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>, ModelError> {
+        let path = dir.join(GENERATION_CONFIG_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ModelError::io(&path, e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ModelError::Config { path, message: format!("not a valid generation_config.json: {e}") })
+    }
+
+    /// The end-of-sequence ids it names (possibly none).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        ids_of(&self.eos_token_id)
+    }
+
+    /// `(temperature, top_p, top_k)` transformers' `generate()` samples with when given no
+    /// sampling arguments: greedy (temperature 0) unless `do_sample` is true, and then its
+    /// defaults 1.0 / 1.0 / 50 for what the file leaves out.
+    pub fn sampling_defaults(&self) -> (f32, f32, usize) {
+        if self.do_sample == Some(true) {
+            (self.temperature.unwrap_or(1.0), self.top_p.unwrap_or(1.0), self.top_k.unwrap_or(50))
+        } else {
+            (0.0, 1.0, 0)
+        }
+    }
+}
+
+fn ids_of(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
 }
 
 fn default_architectures() -> Vec<String> {
@@ -103,6 +168,7 @@ impl Qwen2Config {
             eos_token_id: None,
             use_sliding_window: Some(false),
             extra: Map::new(),
+            generation: None,
         }
     }
 
@@ -191,13 +257,16 @@ impl Qwen2Config {
             .unwrap_or(10000.0)
     }
 
-    /// The end-of-sequence ids named by the config (possibly none).
+    /// The end-of-sequence ids named by config.json and then by generation_config.json
+    /// (possibly none), each once.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|x| x as u32).collect(),
-            _ => vec![],
+        let mut ids = ids_of(&self.eos_token_id);
+        for id in self.generation.iter().flat_map(GenerationConfig::eos_token_ids) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
         }
+        ids
     }
 
     /// Number of parameters of the model this config describes (saturated at `usize::MAX`;
@@ -224,6 +293,27 @@ impl Qwen2Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_config_adds_stop_ids_and_gives_transformers_sampling_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(GenerationConfig::from_dir(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(GENERATION_CONFIG_FILE), r#"{"eos_token_id": [5, 3], "do_sample": true, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}"#).unwrap();
+        let g = GenerationConfig::from_dir(dir.path()).unwrap().unwrap();
+        // top_k left out: transformers' default 50
+        assert_eq!(g.sampling_defaults(), (0.7, 0.8, 50));
+        assert_eq!(g.extra["repetition_penalty"], 1.05);
+        let mut c = Qwen2Config::tiny(10, 8, 1, 2, 1);
+        c.eos_token_id = Some(3.into());
+        c.generation = Some(g);
+        assert_eq!(c.eos_token_ids(), vec![3, 5], "config.json's first, each id once");
+        // do_sample absent or false: greedy whatever the temperature says
+        let greedy: GenerationConfig = serde_json::from_str(r#"{"temperature": 0.7}"#).unwrap();
+        assert_eq!(greedy.sampling_defaults(), (0.0, 1.0, 0));
+        std::fs::write(dir.path().join(GENERATION_CONFIG_FILE), "{oops").unwrap();
+        let e = GenerationConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(GENERATION_CONFIG_FILE), "{e}");
+    }
 
     #[test]
     fn reads_hf_field_names_and_keeps_unknown_fields() {

@@ -136,14 +136,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Err(ModelError::NoWeights { dir: dir.to_path_buf() })
 }
 
-/// Loads `config.json` and the weights of a HF checkpoint directory, cast to `dtype`.
+/// Loads `config.json` (with `generation_config.json` when present) and the weights of a HF
+/// checkpoint directory, cast to `dtype`.
 ///
 /// Every file's header is read and checked first, and the tensor names and shapes are
 /// compared with `config.json`, before any weight is read; then each tensor is read from its
 /// checked byte range. Nothing declared in a header is allocated before it is checked against
 /// the file's size.
 pub fn load<B: Backend>(dir: &Path, dtype: WeightDtype, device: &B::Device) -> Result<(Qwen2Config, Qwen2<B>), ModelError> {
-    let config = Qwen2Config::from_file(&dir.join(CONFIG_FILE))?;
+    let mut config = Qwen2Config::from_file(&dir.join(CONFIG_FILE))?;
+    config.generation = crate::GenerationConfig::from_dir(dir)?;
     let mut files = Vec::new();
     let mut origin: HashMap<String, PathBuf> = HashMap::new();
     for path in weight_files(dir)? {
@@ -588,6 +590,10 @@ pub fn save<B: Backend>(model: &Qwen2<B>, config: &Qwen2Config, dir: &Path, opti
     config.extra.insert("torch_dtype".into(), dtype.torch_name().into());
     config.extra.insert("dtype".into(), dtype.torch_name().into());
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&config).expect("json").as_bytes())?;
+    if let Some(generation) = &config.generation {
+        let path = dir.join(crate::GENERATION_CONFIG_FILE);
+        write_atomic(&path, serde_json::to_string_pretty(generation).expect("json").as_bytes())?;
+    }
     Ok(())
 }
 

@@ -13,7 +13,7 @@ pub mod hf;
 pub mod lora;
 mod model;
 
-pub use config::Qwen2Config;
+pub use config::{GenerationConfig, Qwen2Config, GENERATION_CONFIG_FILE};
 pub use decoding::{BurnDecoder, Decoder};
 pub use error::ModelError;
 pub use hf::{from_named_tensors, load, save, SaveOptions, WeightDtype};

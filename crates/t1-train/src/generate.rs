@@ -81,16 +81,24 @@ pub fn stop_ids(config: &Qwen2Config, tokenizer: &ChatTokenizer) -> Vec<u32> {
 /// same stream), the grader (the RL reward's own function) marks correct. `batch` rows per
 /// generation call, each call cut into `threads` shards.
 /// Responses end at a token of `stop` ([`stop_ids`], the set RL stops on).
-pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, problems: &[Problem], sampling: &SamplingConfig, stop: &[u32], batch: usize, threads: usize) -> f32 {
+pub fn eval_accuracy<B: FusedOps>(
+    model: &Qwen2<B>,
+    tokenizer: &ChatTokenizer,
+    problems: &[Problem],
+    sampling: &SamplingConfig,
+    stop: &[u32],
+    batch: usize,
+    threads: usize,
+) -> Result<f32, t1_data::DataError> {
     if problems.is_empty() {
-        return 0.0;
+        return Ok(0.0);
     }
     let grader = t1_reward::GraderConfig::default();
     let cfg = sampling;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut correct = 0usize;
     for chunk in problems.chunks(batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect();
+        let prompts = chunk.iter().map(|p| tokenizer.encode_prompt(&p.prompt)).collect::<Result<Vec<_>, _>>()?;
         let outs = generate_sharded(model, &prompts, cfg, stop, tokenizer.pad_id(), &mut rng, threads);
         for (p, o) in chunk.iter().zip(&outs) {
             let text = tokenizer.decode(&o.tokens);
@@ -99,7 +107,7 @@ pub fn eval_accuracy<B: FusedOps>(model: &Qwen2<B>, tokenizer: &ChatTokenizer, p
             }
         }
     }
-    correct as f32 / problems.len() as f32
+    Ok(correct as f32 / problems.len() as f32)
 }
 
 /// Samples one response per prompt (prompts may differ in length).

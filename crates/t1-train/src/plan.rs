@@ -338,7 +338,11 @@ pub fn longest_prompt(cfg: &RlConfig, shape_source_tokenizer: &Path) -> Result<u
     let tokenizer = t1_data::ChatTokenizer::from_file(&tok)?;
     let on_bad = if cfg.data.skip_bad_lines { t1_data::OnBadLine::Skip } else { t1_data::OnBadLine::Error };
     let problems = t1_data::read_problems(&cfg.data.train, on_bad)?;
-    Ok(problems.items.iter().map(|p| tokenizer.encode_prompt(&p.prompt).len()).max().unwrap_or(0))
+    let mut longest = 0;
+    for p in &problems.items {
+        longest = longest.max(tokenizer.encode_prompt(&p.prompt)?.len());
+    }
+    Ok(longest)
 }
 
 /// Qwen2.5 architectures by name (their config.json values), for planning a run whose

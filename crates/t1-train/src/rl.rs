@@ -66,6 +66,9 @@ pub struct RlData {
     /// tokenizer.json; empty = the one in `model.checkpoint`.
     pub tokenizer: PathBuf,
     pub skip_bad_lines: bool,
+    /// Extra chat template variables (transformers' `apply_chat_template(**kwargs)`, verl's
+    /// `data.apply_chat_template_kwargs`), e.g. `{ enable_thinking = false }`.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Which of the K samples of a prompt are kept for the update.
@@ -181,7 +184,7 @@ impl Default for RlConfig {
 }
 impl Default for RlData {
     fn default() -> Self {
-        Self { train: PathBuf::new(), eval_problems: PathBuf::new(), tokenizer: PathBuf::new(), skip_bad_lines: false }
+        Self { train: PathBuf::new(), eval_problems: PathBuf::new(), tokenizer: PathBuf::new(), skip_bad_lines: false, chat_template_kwargs: Default::default() }
     }
 }
 impl Default for RolloutConfig {
@@ -306,6 +309,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     // the resolved settings: a continued adapter brings its own dropout
     crate::lora::validate(lora.as_ref(), &cfg.model, cfg.train.activation_checkpointing)?;
     let (model_config, mut policy, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
+    let tokenizer = tokenizer.with_template_kwargs(cfg.data.chat_template_kwargs.clone());
     // the anchor follows the f32 master when there is one (a bf16 EMA at beta 0.99 would
     // round most of its moves away); its log-probs are taken in the policy's dtype. With LoRA
     // it shares the policy's frozen base, and a frozen anchor is the base alone, as TRL's
@@ -323,8 +327,8 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     } else {
         t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
     };
-    check_context(&loaded, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
-    let problems = loaded.items;
+    let prompt_ids = check_context(&loaded, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
+    let problems: Vec<(Problem, Vec<u32>)> = loaded.items.into_iter().zip(prompt_ids).collect();
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     if resume {
         if let Some(dir) = common::list_checkpoints(&cfg.out_dir).last() {
@@ -364,11 +368,11 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     let started = Instant::now();
     // held-out accuracy, greedy and sampled at the rollout temperature (fixed seed)
     let held_out = |model: &Qwen2<B::InnerBackend>| {
-        let greedy = eval_accuracy(model, &tokenizer, &eval, &SamplingConfig::greedy(cfg.sampling.max_new_tokens), &eos, 64, t.threads);
-        let sampled = eval_accuracy(model, &tokenizer, &eval, &cfg.sampling, &eos, 64, t.threads);
-        (greedy, sampled)
+        let greedy = eval_accuracy(model, &tokenizer, &eval, &SamplingConfig::greedy(cfg.sampling.max_new_tokens), &eos, 64, t.threads)?;
+        let sampled = eval_accuracy(model, &tokenizer, &eval, &cfg.sampling, &eos, 64, t.threads)?;
+        Ok::<_, TrainError>((greedy, sampled))
     };
-    let initial = (!eval.is_empty() && state.step == 0).then(|| held_out(&policy.valid()));
+    let initial = if !eval.is_empty() && state.step == 0 { Some(held_out(&policy.valid())?) } else { None };
     let initial_accuracy = initial.map(|(greedy, _)| greedy);
     let initial_sampled_accuracy = initial.map(|(_, sampled)| sampled);
     if let Some((greedy, sampled)) = initial {
@@ -440,7 +444,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         });
         let last = state.step == t.steps;
         if !eval.is_empty() && (last || (t.eval_every > 0 && state.step % t.eval_every == 0)) {
-            let (acc, sampled) = held_out(&policy.valid());
+            let (acc, sampled) = held_out(&policy.valid())?;
             record["eval_accuracy"] = json!(acc);
             record["eval_sampled_accuracy"] = json!(sampled);
             final_accuracy = Some(acc);
@@ -466,10 +470,13 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     Ok(summary)
 }
 
-/// Every prompt plus `max_new_tokens` must fit the model's context.
-fn check_context(problems: &t1_data::Loaded<Problem>, tokenizer: &ChatTokenizer, max_new: usize, context: usize, path: &std::path::Path) -> Result<(), TrainError> {
+/// Each problem's prompt through the chat template; every prompt plus `max_new_tokens` must
+/// fit the model's context.
+fn check_context(problems: &t1_data::Loaded<Problem>, tokenizer: &ChatTokenizer, max_new: usize, context: usize, path: &std::path::Path) -> Result<Vec<Vec<u32>>, TrainError> {
+    let mut all = Vec::with_capacity(problems.items.len());
     for (p, line) in problems.items.iter().zip(&problems.lines) {
-        let n = tokenizer.encode_prompt(&p.prompt).len();
+        let ids = tokenizer.encode_prompt(&p.prompt).map_err(|e| TrainError::Config { origin: format!("{}:{line}", path.display()), message: e.to_string() })?;
+        let n = ids.len();
         if n + max_new > context {
             return Err(TrainError::Config {
                 origin: format!("{}:{line}", path.display()),
@@ -478,8 +485,9 @@ fn check_context(problems: &t1_data::Loaded<Problem>, tokenizer: &ChatTokenizer,
                 ),
             });
         }
+        all.push(ids);
     }
-    Ok(())
+    Ok(all)
 }
 
 struct GenStats {
@@ -493,7 +501,7 @@ fn collect_samples<B: FusedOps>(
     cfg: &RlConfig,
     model: &Qwen2<B>,
     tokenizer: &ChatTokenizer,
-    problems: &[Problem],
+    problems: &[(Problem, Vec<u32>)],
     eos: &[u32],
     state: &mut TrainerState,
     rng: &mut ChaCha8Rng,
@@ -501,8 +509,8 @@ fn collect_samples<B: FusedOps>(
     let r = &cfg.rollout;
     let k = r.samples_per_prompt;
     gather_groups(r, rng, |need, rng| {
-        let chosen: Vec<&Problem> = (0..need).map(|_| next_problem(problems, cfg.train.seed, state)).collect();
-        let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|p| std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt), k)).collect();
+        let chosen: Vec<&(Problem, Vec<u32>)> = (0..need).map(|_| next_problem(problems, cfg.train.seed, state)).collect();
+        let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|(_, ids)| std::iter::repeat_n(ids.clone(), k)).collect();
         let mut rollouts = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(r.generation_batch.max(1)) {
             rollouts.extend(generate_sharded(model, chunk, &cfg.sampling, eos, tokenizer.pad_id(), rng, cfg.train.threads));
@@ -511,7 +519,7 @@ fn collect_samples<B: FusedOps>(
         let mut prompts = prompts.into_iter();
         chosen
             .iter()
-            .map(|problem| {
+            .map(|(problem, _)| {
                 (0..k)
                     .map(|_| {
                         let (rollout, prompt) = (rollouts.next().expect("one rollout per prompt"), prompts.next().expect("k prompts"));
@@ -560,7 +568,7 @@ fn gather_groups(r: &RolloutConfig, rng: &mut ChaCha8Rng, mut sample: impl FnMut
 }
 
 /// The next training problem: epochs over a seeded permutation, the cursor in `state`.
-fn next_problem<'a>(problems: &'a [Problem], seed: u64, state: &mut TrainerState) -> &'a Problem {
+fn next_problem<'a, T>(problems: &'a [T], seed: u64, state: &mut TrainerState) -> &'a T {
     let n = problems.len();
     let pos = state.cursor % n;
     let epoch = state.cursor / n;

@@ -54,6 +54,9 @@ pub struct SftData {
     pub max_len: usize,
     /// Skip and count malformed JSONL lines instead of failing.
     pub skip_bad_lines: bool,
+    /// Extra chat template variables (transformers' `apply_chat_template(**kwargs)`, verl's
+    /// `data.apply_chat_template_kwargs`), e.g. `{ enable_thinking = false }`.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +113,7 @@ impl Default for SftData {
             tokenizer: PathBuf::new(),
             max_len: 512,
             skip_bad_lines: false,
+            chat_template_kwargs: Default::default(),
         }
     }
 }
@@ -180,7 +184,7 @@ pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip
     let mut skipped = loaded.skipped;
     let mut examples = Vec::with_capacity(loaded.items.len());
     for (ex, line) in loaded.items.iter().zip(&loaded.lines) {
-        let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false);
+        let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false).map_err(|e| TrainError::Config { origin: format!("{}:{line}", path.display()), message: e.to_string() })?;
         let prompt = loss_mask.iter().position(|&m| m).unwrap_or(loss_mask.len());
         ids.truncate(max_len);
         loss_mask.truncate(max_len);
@@ -271,6 +275,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     // the resolved settings: a continued adapter brings its own dropout
     crate::lora::validate(lora.as_ref(), &cfg.model, cfg.train.activation_checkpointing)?;
     let (model_config, mut model, tokenizer, mut optim) = crate::master::init_trainable::<B>(&cfg.model, &cfg.optim, lora.as_ref(), &cfg.data.tokenizer, device)?;
+    let tokenizer = tokenizer.with_template_kwargs(cfg.data.chat_template_kwargs.clone());
     if cfg.data.max_len > model_config.max_position_embeddings {
         return Err(TrainError::Config {
             origin: "data.max_len".into(),
@@ -371,7 +376,7 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
             }
             if !problems.is_empty() {
                 let stop = crate::generate::stop_ids(&model_config, &tokenizer);
-                let acc = eval_accuracy(&inner, &tokenizer, &problems, &SamplingConfig::greedy(t.eval_max_new_tokens), &stop, 64, t.threads);
+                let acc = eval_accuracy(&inner, &tokenizer, &problems, &SamplingConfig::greedy(t.eval_max_new_tokens), &stop, 64, t.threads)?;
                 eval_acc = Some(acc);
                 record["eval_accuracy"] = json!(acc);
             }
