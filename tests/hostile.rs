@@ -185,7 +185,7 @@ fn hostile_cli_tokenizer_that_does_not_match_the_model() {
     assert_fails(&sft(dir.path(), &[]), &["tokenizer error in", "tokenizer.json"]);
     // a tokenizer without the chat tokens
     std::fs::write(&tok, r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"a":0,"[UNK]":1},"unk_token":"[UNK]"}}"#).unwrap();
-    assert_fails(&sft(dir.path(), &[]), &["no <|im_start|> token"]);
+    assert_fails(&sft(dir.path(), &[]), &["no <|im_end|> token", "eos_token"]);
     assert!(!dir.path().join("out").exists());
 }
 

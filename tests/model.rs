@@ -199,7 +199,7 @@ fn avx512_host_decoding_matches_decoding_through_burn() {
             let ids2: Vec<i64> = (0..b * 2).map(|i| id(i, 3)).collect();
             let mask2: Vec<bool> = (0..b).flat_map(|row| key_mask[row * s..(row + 1) * s].iter().copied().chain([true, true])).collect();
             let positions: Vec<i64> = pos.iter().flat_map(|&p| [p, p + 1]).collect();
-            let inputs = Inputs { batch: b, len: 2, past: s, ids: ids2, positions, key_mask: mask2 };
+            let inputs = Inputs { batch: b, len: 2, past: s, ids: ids2, positions, key_mask: mask2, segments: None };
             out.push(to_vec(model.forward(&inputs, Some(&mut cache))));
             assert_eq!(cache.len(), s + 2);
             out
@@ -238,7 +238,7 @@ fn avx512_host_decoding_of_a_bf16_model_computes_in_f32_from_its_bf16_weights() 
     // back to burn (two tokens at once): the cache returns in the model's dtype
     let s = steps;
     let mut cache = host.into_cache::<FlexInner>(&device);
-    let inputs = Inputs { batch: b, len: 2, past: s, ids: vec![3; 2 * b], positions: (0..b).flat_map(|_| [s as i64, s as i64 + 1]).collect(), key_mask: vec![true; b * (s + 2)] };
+    let inputs = Inputs { batch: b, len: 2, past: s, ids: vec![3; 2 * b], positions: (0..b).flat_map(|_| [s as i64, s as i64 + 1]).collect(), key_mask: vec![true; b * (s + 2)], segments: None };
     assert_eq!(bf16.forward(&inputs, Some(&mut cache)).dims(), [b, 2, vocab]);
 }
 

@@ -55,6 +55,7 @@ impl BackendTask for BenchSft {
             attention: vec![true; range.len() * t],
             targets: rows[range.clone()].iter().flat_map(|r| r.1.clone()).collect(),
             target_mask: vec![true; range.len() * t],
+            segments: None,
         };
         let mut optim = burn::optim::AdamWConfig::new().init::<B, t1_model::Qwen2<B>>();
         let tokens = (b * t) as f32;

@@ -10,12 +10,13 @@
 
 mod batch;
 mod jsonl;
+mod parquet;
 mod task;
 mod template;
 mod tokenizer;
 
-pub use batch::{pad_batch, tokenize_sft, SftBatch, TokenizedExample};
-pub use jsonl::{read_problems, read_sft, write_jsonl, Loaded, Message, OnBadLine, Problem, SftExample};
+pub use batch::{pack, pad_batch, pad_packed, tokenize_sft, SftBatch, TokenizedExample};
+pub use jsonl::{read_problems, read_problems_with, read_sft, read_sft_with, write_jsonl, Columns, Loaded, Message, OnBadLine, Problem, SftExample};
 pub use task::{generate, problem, sft_example, splits, Sample, Splits, TaskConfig};
 pub use template::{ChatTemplate, Rendered, TemplateVars, BUILTIN_TEMPLATE};
 pub use tokenizer::{train_bpe, ChatEncoding, ChatTokenizer, CHAT_TEMPLATE_FILE, ENDOFTEXT, IM_END, IM_START, TOKENIZER_CONFIG_FILE};
@@ -41,6 +42,16 @@ pub enum DataError {
         /// 1-based line number.
         line: usize,
         /// What is wrong with the line.
+        message: String,
+    },
+    /// One row of a JSON array or Parquet file is malformed.
+    #[error("{}: row {row}: {message}; fix the row, or set data.skip_bad_lines = true in the run config to skip such rows", path.display())]
+    BadRow {
+        /// The file.
+        path: PathBuf,
+        /// 1-based row (0: the file as a whole).
+        row: usize,
+        /// What is wrong with the row.
         message: String,
     },
     /// A dataset file holds no usable item.

@@ -136,6 +136,9 @@ pub struct Inputs {
     pub positions: Vec<i64>,
     /// `[batch * (past + len)]` whether each key is a real token.
     pub key_mask: Vec<bool>,
+    /// Packed rows (uncached forwards only): `[batch * len]` the example each token belongs
+    /// to (0 = padding). A query sees only the keys of its own example.
+    pub segments: Option<Vec<u32>>,
 }
 
 impl Inputs {
@@ -155,7 +158,31 @@ impl Inputs {
                 }
             }
         }
-        Self { batch, len, past: 0, ids, positions, key_mask: mask }
+        Self { batch, len, past: 0, ids, positions, key_mask: mask, segments: None }
+    }
+
+    /// A full forward over packed rows: `segments` `[batch, len]` numbers the examples of each
+    /// row (1, 2, ...; 0 = padding). Each example gets its own positions from 0 and attends only
+    /// to itself (block-diagonal causal attention), so its logits are those of the example
+    /// alone, as transformers gives them for packed rows with `position_ids` restarting per
+    /// example (`DataCollatorWithFlattening`).
+    pub fn packed(batch: usize, len: usize, ids: Vec<i64>, segments: Vec<u32>) -> Self {
+        assert_eq!(ids.len(), batch * len, "ids must hold batch * len values");
+        assert_eq!(segments.len(), batch * len, "segments must hold batch * len values");
+        let mut positions = vec![0; batch * len];
+        for b in 0..batch {
+            let (mut current, mut pos) = (0u32, 0i64);
+            for t in 0..len {
+                let s = segments[b * len + t];
+                if s != current {
+                    (current, pos) = (s, 0);
+                }
+                positions[b * len + t] = pos;
+                pos += i64::from(s != 0);
+            }
+        }
+        let key_mask = segments.iter().map(|&s| s != 0).collect();
+        Self { batch, len, past: 0, ids, positions, key_mask, segments: Some(segments) }
     }
 
     /// Unpadded sequences of equal length.
@@ -168,7 +195,7 @@ impl Inputs {
     pub fn step(ids: Vec<i64>, positions: Vec<i64>, key_mask: Vec<bool>) -> Self {
         let batch = ids.len();
         let past = key_mask.len() / batch - 1;
-        Self { batch, len: 1, past, ids, positions, key_mask }
+        Self { batch, len: 1, past, ids, positions, key_mask, segments: None }
     }
 }
 
@@ -382,7 +409,8 @@ struct Rope<B: Backend> {
 }
 
 /// Additive attention bias `[batch, 1, len, past + len]`: 0 where query i may attend key j
-/// (causal, j ≤ past + i, and j is a real token), [`MASKED`] elsewhere.
+/// (causal, j ≤ past + i, j is a real token, and in a packed row j is of i's example),
+/// [`MASKED`] elsewhere.
 fn attention_bias<B: Backend>(inputs: &Inputs, device: &B::Device, dtype: DType) -> Tensor<B, 4> {
     let (b, t, past) = (inputs.batch, inputs.len, inputs.past);
     let s = past + t;
@@ -390,7 +418,8 @@ fn attention_bias<B: Backend>(inputs: &Inputs, device: &B::Device, dtype: DType)
     for row in 0..b {
         for i in 0..t {
             for j in 0..=past + i {
-                if inputs.key_mask[row * s + j] {
+                let same_example = inputs.segments.as_ref().is_none_or(|seg| seg[row * t + i] == seg[row * s + j]);
+                if inputs.key_mask[row * s + j] && same_example {
                     bias[(row * t + i) * s + j] = 0.0;
                 }
             }

@@ -337,7 +337,7 @@ pub fn longest_prompt(cfg: &RlConfig, shape_source_tokenizer: &Path) -> Result<u
     let tok = if cfg.data.tokenizer.as_os_str().is_empty() { shape_source_tokenizer.to_path_buf() } else { cfg.data.tokenizer.clone() };
     let tokenizer = t1_data::ChatTokenizer::from_file(&tok)?;
     let on_bad = if cfg.data.skip_bad_lines { t1_data::OnBadLine::Skip } else { t1_data::OnBadLine::Error };
-    let problems = t1_data::read_problems(&cfg.data.train, on_bad)?;
+    let problems = t1_data::read_problems_with(&cfg.data.train, on_bad, &cfg.data.columns())?;
     let mut longest = 0;
     for p in &problems.items {
         longest = longest.max(tokenizer.encode_prompt(&p.prompt)?.len());

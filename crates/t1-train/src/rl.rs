@@ -59,7 +59,7 @@ pub struct RlConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RlData {
-    /// Problems JSONL: {"prompt"|"problem": ..., "answer": ...}.
+    /// Problems (JSONL, a JSON array, or Parquet): {"prompt"|"problem": ..., "answer": ...} per row.
     pub train: PathBuf,
     /// Held-out problems for greedy accuracy (optional).
     pub eval_problems: PathBuf,
@@ -69,6 +69,18 @@ pub struct RlData {
     /// Extra chat template variables (transformers' `apply_chat_template(**kwargs)`, verl's
     /// `data.apply_chat_template_kwargs`), e.g. `{ enable_thinking = false }`.
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Column names of the problem files (JSONL, JSON arrays or Parquet), as verl's
+    /// `data.prompt_key`; empty = `prompt` (or `problem`) and `answer` (else the last
+    /// `\boxed{}` of `solution`, as MATH has it).
+    pub prompt_key: String,
+    pub answer_key: String,
+}
+
+impl RlData {
+    /// The column mapping of [`t1_data::read_problems_with`].
+    pub fn columns(&self) -> t1_data::Columns {
+        t1_data::Columns { prompt_key: self.prompt_key.clone(), answer_key: self.answer_key.clone(), ..Default::default() }
+    }
 }
 
 /// Which of the K samples of a prompt are kept for the update.
@@ -184,7 +196,7 @@ impl Default for RlConfig {
 }
 impl Default for RlData {
     fn default() -> Self {
-        Self { train: PathBuf::new(), eval_problems: PathBuf::new(), tokenizer: PathBuf::new(), skip_bad_lines: false, chat_template_kwargs: Default::default() }
+        Self { train: PathBuf::new(), eval_problems: PathBuf::new(), tokenizer: PathBuf::new(), skip_bad_lines: false, chat_template_kwargs: Default::default(), prompt_key: String::new(), answer_key: String::new() }
     }
 }
 impl Default for RolloutConfig {
@@ -321,11 +333,11 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
     }
     let compute = policy.dtype();
     let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
-    let loaded = t1_data::read_problems(&cfg.data.train, on_bad)?;
+    let loaded = t1_data::read_problems_with(&cfg.data.train, on_bad, &cfg.data.columns())?;
     let eval: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
         vec![]
     } else {
-        t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
+        t1_data::read_problems_with(&cfg.data.eval_problems, on_bad, &cfg.data.columns())?.items.into_iter().take(t.eval_problems).collect()
     };
     let prompt_ids = check_context(&loaded, &tokenizer, cfg.sampling.max_new_tokens, model_config.max_position_embeddings, &cfg.data.train)?;
     let problems: Vec<(Problem, Vec<u32>)> = loaded.items.into_iter().zip(prompt_ids).collect();

@@ -42,7 +42,7 @@ pub struct SftConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftData {
-    /// SFT JSONL: {"messages": [...]} or {"prompt": ..., "response": ...} per line.
+    /// SFT data (JSONL, a JSON array, or Parquet): {"messages": [...]} or {"prompt": ..., "response": ...} per row.
     pub train: PathBuf,
     /// Held-out SFT JSONL for the eval loss (optional).
     pub eval: PathBuf,
@@ -57,6 +57,24 @@ pub struct SftData {
     /// Extra chat template variables (transformers' `apply_chat_template(**kwargs)`, verl's
     /// `data.apply_chat_template_kwargs`), e.g. `{ enable_thinking = false }`.
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Column names of the datasets (JSONL, JSON arrays or Parquet), as verl's
+    /// `data.prompt_key`; empty = t1's defaults: `messages`, else `prompt` + `response`;
+    /// problems `prompt`/`problem` + `answer` (else the last `\boxed{}` of `solution`).
+    pub messages_key: String,
+    pub prompt_key: String,
+    pub response_key: String,
+    pub answer_key: String,
+    /// Pack training examples into rows of `max_len` tokens (best-fit decreasing, as TRL's
+    /// `packing = true`): each example keeps its own positions and attends only to itself, so
+    /// the loss equals the unpacked one; `train.batch_size` then counts packed rows.
+    pub packing: bool,
+}
+
+impl SftData {
+    /// The column mapping of [`t1_data::read_sft_with`].
+    pub fn columns(&self) -> t1_data::Columns {
+        t1_data::Columns { prompt_key: self.prompt_key.clone(), answer_key: self.answer_key.clone(), messages_key: self.messages_key.clone(), response_key: self.response_key.clone() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +132,11 @@ impl Default for SftData {
             max_len: 512,
             skip_bad_lines: false,
             chat_template_kwargs: Default::default(),
+            messages_key: String::new(),
+            prompt_key: String::new(),
+            response_key: String::new(),
+            answer_key: String::new(),
+            packing: false,
         }
     }
 }
@@ -178,9 +201,9 @@ pub struct SftSummary {
 /// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
 /// whose prompt leaves no answer token within `max_len` is an error naming its line (skipped
 /// and counted with `skip`).
-pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip: bool) -> Result<(Vec<TokenizedExample>, usize), TrainError> {
+pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip: bool, columns: &t1_data::Columns) -> Result<(Vec<TokenizedExample>, usize), TrainError> {
     let on_bad = if skip { OnBadLine::Skip } else { OnBadLine::Error };
-    let loaded = t1_data::read_sft(path, on_bad)?;
+    let loaded = t1_data::read_sft_with(path, on_bad, columns)?;
     let mut skipped = loaded.skipped;
     let mut examples = Vec::with_capacity(loaded.items.len());
     for (ex, line) in loaded.items.iter().zip(&loaded.lines) {
@@ -212,7 +235,10 @@ pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip
 /// Tensors of a padded batch: model inputs, targets `[B, T]` and the loss mask `[B, T]`.
 pub fn batch_tensors<B: FusedOps>(batch: &SftBatch, device: &B::Device) -> (Inputs, Tensor<B, 2, Int>, Tensor<B, 2>) {
     let (b, t) = (batch.batch, batch.len);
-    let inputs = Inputs::new(b, t, batch.ids.clone(), batch.attention.clone());
+    let inputs = match &batch.segments {
+        Some(segments) => Inputs::packed(b, t, batch.ids.clone(), segments.clone()),
+        None => Inputs::new(b, t, batch.ids.clone(), batch.attention.clone()),
+    };
     let targets = Tensor::from_data(TensorData::new(batch.targets.clone(), [b, t]), device);
     let mask: Vec<f32> = batch.target_mask.iter().map(|&m| m as u8 as f32).collect();
     let mask = Tensor::from_data(TensorData::new(mask, [b, t]), device);
@@ -285,24 +311,30 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
             ),
         });
     }
-    let (train, skipped) = tokenize_sft(&tokenizer, &cfg.data.train, cfg.data.max_len, cfg.data.skip_bad_lines)?;
+    let (train, skipped) = tokenize_sft(&tokenizer, &cfg.data.train, cfg.data.max_len, cfg.data.skip_bad_lines, &cfg.data.columns())?;
     if skipped > 0 {
         eprintln!("skipped {skipped} malformed lines of {}", cfg.data.train.display());
     }
     let eval = if cfg.data.eval.as_os_str().is_empty() {
         vec![]
     } else {
-        tokenize_sft(&tokenizer, &cfg.data.eval, cfg.data.max_len, cfg.data.skip_bad_lines)?.0
+        tokenize_sft(&tokenizer, &cfg.data.eval, cfg.data.max_len, cfg.data.skip_bad_lines, &cfg.data.columns())?.0
     };
     let problems: Vec<Problem> = if cfg.data.eval_problems.as_os_str().is_empty() {
         vec![]
     } else {
         let on_bad = if cfg.data.skip_bad_lines { OnBadLine::Skip } else { OnBadLine::Error };
-        t1_data::read_problems(&cfg.data.eval_problems, on_bad)?.items.into_iter().take(t.eval_problems).collect()
+        t1_data::read_problems_with(&cfg.data.eval_problems, on_bad, &cfg.data.columns())?.items.into_iter().take(t.eval_problems).collect()
     };
 
+    // the rows of a batch: one example each, or examples packed into data.max_len tokens
+    let rows: Vec<Vec<usize>> = if cfg.data.packing {
+        t1_data::pack(&train.iter().map(|e| e.ids.len()).collect::<Vec<_>>(), cfg.data.max_len)
+    } else {
+        (0..train.len()).map(|i| vec![i]).collect()
+    };
     let per_step = t.batch_size * t.grad_accum;
-    let steps_per_epoch = train.len().div_ceil(per_step);
+    let steps_per_epoch = rows.len().div_ceil(per_step);
     let total = if t.max_steps > 0 { t.max_steps } else { steps_per_epoch * t.epochs };
     let mut state = TrainerState { rng_seed: t.seed, ..Default::default() };
     if resume {
@@ -319,12 +351,12 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     let mut metrics = Metrics::open(&cfg.out_dir.join("metrics.jsonl"), resume)?;
     let trainable = model.lora.as_ref().map_or(model_config.num_parameters(), |l| l.num_params());
-    metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "trainable_params": trainable, "train_examples": train.len(), "steps": total, "resumed_at": state.step}));
+    metrics.log(&json!({"event": "start", "params": model_config.num_parameters(), "trainable_params": trainable, "train_examples": train.len(), "train_rows": rows.len(), "steps": total, "resumed_at": state.step}));
 
     let bar = common::progress(total, state.step, "sft");
     let started = Instant::now();
     let (mut tokens_seen, mut last_loss, mut bad_in_row) = (0usize, f32::NAN, 0usize);
-    let mut order = epoch_order(train.len(), t.seed, state.epoch);
+    let mut order = epoch_order(rows.len(), t.seed, state.epoch);
     let (mut eval_loss, mut eval_acc) = (None, None);
     while state.step < total {
         let lr = lr_at(state.step, total, cfg.optim.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio);
@@ -335,13 +367,20 @@ pub fn run_sft<B: FusedAutodiff>(cfg: &SftConfig, resolved: &str, resume: bool, 
             if state.cursor >= order.len() {
                 state.epoch += 1;
                 state.cursor = 0;
-                order = epoch_order(train.len(), t.seed, state.epoch);
+                order = epoch_order(rows.len(), t.seed, state.epoch);
             }
             let idx = &order[state.cursor..(state.cursor + t.batch_size).min(order.len())];
             state.cursor += idx.len();
             let shards: Vec<SftBatch> = crate::parallel::split_even(idx.len(), t.threads)
                 .into_iter()
-                .map(|r| pad_batch(&idx[r].iter().map(|&i| &train[i]).collect::<Vec<_>>(), tokenizer.pad_id()))
+                .map(|r| {
+                    let chosen: Vec<Vec<&TokenizedExample>> = idx[r].iter().map(|&i| rows[i].iter().map(|&e| &train[e]).collect()).collect();
+                    if cfg.data.packing {
+                        t1_data::pad_packed(&chosen, tokenizer.pad_id())
+                    } else {
+                        pad_batch(&chosen.iter().map(|row| row[0]).collect::<Vec<_>>(), tokenizer.pad_id())
+                    }
+                })
                 .collect();
             micro.push(shards);
         }

@@ -1,0 +1,24 @@
+//! Parquet datasets, the format of datasets on the Hugging Face Hub, read row by row through
+//! the parquet crate's record API: each row becomes the JSON object a JSONL line would hold
+//! (strings, numbers, lists such as a `messages` column of `{role, content}` structs).
+
+use std::path::Path;
+
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use serde_json::Value;
+
+use crate::DataError;
+
+/// Every row of the Parquet file at `path`, as JSON.
+pub fn read_rows(path: &Path) -> Result<Vec<Value>, DataError> {
+    let bad = |message: String| DataError::BadRow { path: path.to_path_buf(), row: 0, message };
+    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let n = reader.metadata().file_metadata().num_rows().max(0) as usize;
+    let mut rows = Vec::with_capacity(n);
+    for (i, row) in reader.into_iter().enumerate() {
+        let row = row.map_err(|e| DataError::BadRow { path: path.to_path_buf(), row: i + 1, message: format!("cannot be decoded: {e}") })?;
+        rows.push(row.to_json_value());
+    }
+    Ok(rows)
+}
