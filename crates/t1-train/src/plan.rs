@@ -23,7 +23,8 @@
 //! - with LoRA the base is frozen: only the f32 adapters have gradients, AdamW moments and (RL)
 //!   an anchor copy, and each adapter adds r f32 values per token to the graph (and its input
 //!   in f32 when the base is bf16 or dropout copies it);
-//! - RL micro-batches (`loss.micro_batch_rows`) bound the rows of one forward/backward, and
+//! - RL micro-batches (`loss.micro_batch_rows`, or `loss.max_tokens_per_microbatch` counted
+//!   as full-length rows) bound the rows of one forward/backward, and
 //!   add an accumulator of the gradients;
 //!
 //! `t1 plan` prints it; `t1 sft` and `t1 rl` stop before allocating when it does not fit.
@@ -320,7 +321,14 @@ pub fn rl_plan(cfg: &RlConfig, shape: &Qwen2Config, prompt_len: usize) -> Result
     let r = &cfg.rollout;
     let samples = r.prompts_per_step * if r.keep == crate::rl::Keep::All { r.samples_per_prompt } else { r.keep_per_prompt };
     let minibatch = samples.div_ceil(cfg.loss.minibatches.max(1));
-    let micro = if cfg.loss.micro_batch_rows > 0 { cfg.loss.micro_batch_rows.min(minibatch) } else { minibatch };
+    let micro = if cfg.loss.max_tokens_per_microbatch > 0 {
+        // full-length rows: the most a token budget lets through
+        (cfg.loss.max_tokens_per_microbatch / (prompt_len + cfg.sampling.max_new_tokens).max(1)).clamp(1, minibatch.max(1))
+    } else if cfg.loss.micro_batch_rows > 0 {
+        cfg.loss.micro_batch_rows.min(minibatch)
+    } else {
+        minibatch
+    };
     let work = Workload::Rl {
         gen_batch: r.generation_batch.max(1).min(r.prompts_per_step * r.samples_per_prompt),
         prompt_len,

@@ -155,6 +155,11 @@ pub struct LossConfig {
     /// minibatch's (verl's `ppo_micro_batch_size_per_gpu`): memory for one micro-batch at a
     /// time, the same update up to float rounding. 0 = the whole minibatch at once.
     pub micro_batch_rows: usize,
+    /// Micro-batches by a token budget instead (verl's `use_dynamic_bsz` with
+    /// `ppo_max_token_len_per_gpu`): the minibatch's rows, longest first, are grouped so that
+    /// each micro-batch, padded to its longest row, holds at most this many tokens (a row longer
+    /// than the budget goes alone). Same update up to float rounding. 0 = off.
+    pub max_tokens_per_microbatch: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +238,7 @@ impl Default for LossConfig {
             epochs: 1,
             minibatches: 1,
             micro_batch_rows: 0,
+            max_tokens_per_microbatch: 0,
         }
     }
 }
@@ -249,6 +255,9 @@ impl RlConfig {
             return bad("data.train is empty: give a problems JSONL file".into());
         }
         self.sampling.validate().or_else(|m| bad(format!("sampling: {m}")))?;
+        if self.loss.micro_batch_rows > 0 && self.loss.max_tokens_per_microbatch > 0 {
+            return bad("loss.micro_batch_rows and loss.max_tokens_per_microbatch both set: micro-batches are formed by rows or by a token budget, set one".into());
+        }
         if self.sampling.temperature <= 0.0 {
             return bad("sampling.temperature must be > 0 for RL (greedy rollouts have no exploration)".into());
         }
@@ -712,15 +721,22 @@ fn update_policy<B: FusedAutodiff, O: Optimizer<Qwen2<B>, B>>(
             let norm = Normalizer::of_mask(&mask, batch.len, norm_len);
             // micro-batches one after the other, each cut into shards that run at once; every
             // part's loss is normalised by the whole minibatch, so the parts add up to it
-            let micro = if cfg.loss.micro_batch_rows > 0 { cfg.loss.micro_batch_rows } else { rows.len() };
+            let parts: Vec<Vec<usize>> = if cfg.loss.max_tokens_per_microbatch > 0 {
+                token_budget_parts(rows, |r| batch.row_len(r), cfg.loss.max_tokens_per_microbatch)
+            } else {
+                let micro = if cfg.loss.micro_batch_rows > 0 { cfg.loss.micro_batch_rows } else { rows.len() };
+                rows.chunks(micro).map(<[usize]>::to_vec).collect()
+            };
             let mut accum = GradientsAccumulator::<Qwen2<B>>::new();
             let (mut loss_v, mut clip_frac, mut entropy) = (0.0f32, 0.0f32, 0.0f32);
-            for part in rows.chunks(micro) {
+            for part in &parts {
                 let shards: Vec<&[usize]> = crate::parallel::split_even(part.len(), cfg.train.threads).into_iter().map(|r| &part[r]).collect();
                 let (grads, value, stats) = crate::parallel::sharded_grads(&policy, shards, |m, rows| {
-                    let (inputs, targets, mask) = batch.rows_subset(rows);
+                    // each micro-batch is cut to its longest row (right padding: the same positions)
+                    let width = rows.iter().map(|&r| batch.row_len(r)).max().unwrap_or(1).max(1);
+                    let (inputs, targets, mask) = batch.rows_subset(rows, width);
                     crate::checkpoint::loss_grads(m, &inputs, cfg.train.activation_checkpointing, |logits| {
-                        let (loss, clip_frac, entropy) = minibatch_loss(cfg, logits, targets, mask, rows, batch.len, old_logp, ref_logp, adv, norm);
+                        let (loss, clip_frac, entropy) = minibatch_loss(cfg, logits, targets, mask, rows, batch.len, width, old_logp, ref_logp, adv, norm);
                         (loss, (clip_frac, entropy))
                     })
                 });
@@ -745,6 +761,23 @@ fn update_policy<B: FusedAutodiff, O: Optimizer<Qwen2<B>, B>>(
         }
     }
     (policy, u)
+}
+
+/// Micro-batches of `rows` within a token budget: longest row first, each micro-batch grows
+/// while its rows × its longest row stays within `budget` (what a right-padded forward
+/// holds); a row longer than the budget goes alone.
+fn token_budget_parts(rows: &[usize], len: impl Fn(usize) -> usize, budget: usize) -> Vec<Vec<usize>> {
+    let mut sorted = rows.to_vec();
+    sorted.sort_by_key(|&r| (std::cmp::Reverse(len(r)), r));
+    let mut parts: Vec<Vec<usize>> = Vec::new();
+    for r in sorted {
+        match parts.last_mut() {
+            // sorted longest first, so a part's first row is its longest
+            Some(p) if (p.len() + 1) * len(p[0]) <= budget => p.push(r),
+            _ => parts.push(vec![r]),
+        }
+    }
+    parts
 }
 
 /// Rows per forward pass when log-probs are recomputed without gradients: 32, or fewer so that
@@ -791,13 +824,20 @@ impl RlBatch {
         b
     }
 
-    fn rows_subset(&self, rows: &[usize]) -> (Inputs, Vec<i64>, Vec<f32>) {
-        let pick = |v: &[i64]| rows.iter().flat_map(|&r| v[r * self.len..(r + 1) * self.len].to_vec()).collect::<Vec<_>>();
+    /// The first `width` positions of `rows`: model inputs, targets and the response mask.
+    fn rows_subset(&self, rows: &[usize], width: usize) -> (Inputs, Vec<i64>, Vec<f32>) {
+        let span = |r: usize| r * self.len..r * self.len + width;
+        let pick = |v: &[i64]| rows.iter().flat_map(|&r| v[span(r)].to_vec()).collect::<Vec<_>>();
         let ids = pick(&self.ids);
         let targets = pick(&self.targets);
-        let attention = rows.iter().flat_map(|&r| self.attention[r * self.len..(r + 1) * self.len].to_vec()).collect();
-        let mask = rows.iter().flat_map(|&r| self.mask[r * self.len..(r + 1) * self.len].to_vec()).collect();
-        (Inputs::new(rows.len(), self.len, ids, attention), targets, mask)
+        let attention = rows.iter().flat_map(|&r| self.attention[span(r)].to_vec()).collect();
+        let mask = rows.iter().flat_map(|&r| self.mask[span(r)].to_vec()).collect();
+        (Inputs::new(rows.len(), width, ids, attention), targets, mask)
+    }
+
+    /// Prompt + response tokens of row `r` (the rows are right-padded).
+    fn row_len(&self, r: usize) -> usize {
+        self.attention[r * self.len..(r + 1) * self.len].iter().filter(|&&a| a).count()
     }
 
     /// log π(target) under logits / T for every position, `[rows * len]`, without gradients.
@@ -806,7 +846,7 @@ impl RlBatch {
         let mut out = Vec::with_capacity(self.rows * self.len);
         let all: Vec<usize> = (0..self.rows).collect();
         for rows in all.chunks(logprob_chunk_rows(self.len, model.vocab_size())) {
-            let (inputs, targets, _) = self.rows_subset(rows);
+            let (inputs, targets, _) = self.rows_subset(rows, self.len);
             let logits = model.forward(&inputs, None).cast(DType::F32).div_scalar(temperature.max(1e-6));
             let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows.len(), self.len]), &device);
             out.extend(host(token_logprobs(logits, targets)));
@@ -844,6 +884,7 @@ fn minibatch_loss<B: FusedAutodiff>(
     mask_v: Vec<f32>,
     rows: &[usize],
     t: usize,
+    width: usize,
     old_logp: &[f32],
     ref_logp: &[f32],
     adv: &[f32],
@@ -851,12 +892,13 @@ fn minibatch_loss<B: FusedAutodiff>(
 ) -> (Tensor<B, 1>, f32, f32) {
     let device = logits.device();
     let n = rows.len();
-    let pick = |v: &[f32]| rows.iter().flat_map(|&r| v[r * t..(r + 1) * t].to_vec()).collect::<Vec<f32>>();
+    // `old_logp` and `ref_logp` are `[rows, t]`; the micro-batch holds their first `width` positions
+    let pick = |v: &[f32]| rows.iter().flat_map(|&r| v[r * t..r * t + width].to_vec()).collect::<Vec<f32>>();
     let logits = logits.cast(DType::F32).div_scalar(cfg.sampling.temperature.max(1e-6));
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, t]), &device);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, width]), &device);
     let logp = token_logprobs(logits.clone(), targets);
-    let mask = tensor2::<B>(&mask_v, n, t, &device);
-    let old = tensor2::<B>(&pick(old_logp), n, t, &device);
+    let mask = tensor2::<B>(&mask_v, n, width, &device);
+    let old = tensor2::<B>(&pick(old_logp), n, width, &device);
     let adv_t = Tensor::<B, 1>::from_data(TensorData::new(rows.iter().map(|&r| adv[r]).collect::<Vec<f32>>(), [n]), &device);
     let l = &cfg.loss;
     let (pg, clipped) = policy_loss(logp.clone(), old, adv_t, l.clip_eps_low, l.clip_eps_high);
@@ -866,7 +908,7 @@ fn minibatch_loss<B: FusedAutodiff>(
         loss = loss - entropy.clone().mul_scalar(l.entropy_coef);
     }
     if l.kl_in == KlPlacement::Loss && l.kl_coef != 0.0 {
-        let r = tensor2::<B>(&pick(ref_logp), n, t, &device);
+        let r = tensor2::<B>(&pick(ref_logp), n, width, &device);
         loss = loss + aggregate(kl(logp, r, l.kl_estimator), mask.clone(), l.agg, norm).mul_scalar(l.kl_coef);
     }
     let clip_frac = scalar(aggregate(clipped, mask, AggMode::TokenMean, norm).detach());
@@ -1095,8 +1137,13 @@ mod tests {
     }
 
     fn one_update_micro(kl_in: KlPlacement, sign: f32, checkpointing: ActivationCheckpointing, micro_batch_rows: usize) -> Vec<f32> {
+        one_update_parts(kl_in, sign, checkpointing, micro_batch_rows, 0)
+    }
+
+    fn one_update_parts(kl_in: KlPlacement, sign: f32, checkpointing: ActivationCheckpointing, micro_batch_rows: usize, max_tokens: usize) -> Vec<f32> {
         let cfg = cfg_with(|c| {
             c.loss.micro_batch_rows = micro_batch_rows;
+            c.loss.max_tokens_per_microbatch = max_tokens;
             c.train.activation_checkpointing = checkpointing;
             c.loss.kl_in = kl_in;
             c.loss.kl_coef = 0.1;
@@ -1104,8 +1151,8 @@ mod tests {
             c.optim.lr = 1e-3;
         });
         let policy: Qwen2<Ad> = tiny_model(7);
-        // one group: responses 0 and 1 correct (reward 1), 2 and 3 not
-        let samples: Vec<Sample> = [[5u32, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]]
+        // one group: responses 0 and 1 correct (reward 1), 2 and 3 not; of several lengths
+        let samples: Vec<Sample> = [&[5u32, 6, 7][..], &[8, 9, 10, 4, 4, 4, 4], &[11, 12], &[14, 15, 16, 17, 18]]
             .iter()
             .enumerate()
             .map(|(i, t)| sample(0, (i < 2) as u8 as f32, (i < 2) as u8 as f32, false, t))
@@ -1135,6 +1182,32 @@ mod tests {
         let layered = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::Layer);
         let d = max_abs_diff(&kept, &layered);
         assert!(d <= 1e-6 * t1_model::compare::max_abs(&kept), "log-prob changes differ by {d:e}: {kept:?} vs {layered:?}");
+    }
+
+    #[test]
+    fn token_budget_micro_batches_give_the_same_rl_update() {
+        let whole = one_update_with(KlPlacement::Loss, 1.0, ActivationCheckpointing::None);
+        // prompts of 2 tokens (see `sample`): rows of 5, 9, 4 and 7 tokens
+        for budget in [1, 12, 16] {
+            let parts = one_update_parts(KlPlacement::Loss, 1.0, ActivationCheckpointing::None, 0, budget);
+            let d = max_abs_diff(&whole, &parts);
+            assert!(d <= 1e-6 * t1_model::compare::max_abs(&whole), "budget {budget}: log-prob changes differ by {d:e}: {whole:?} vs {parts:?}");
+        }
+    }
+
+    #[test]
+    fn token_budget_groups_rows_longest_first_within_the_budget() {
+        let lens = [4usize, 8, 3, 6, 2];
+        let parts = token_budget_parts(&[0, 1, 2, 3, 4], |r| lens[r], 12);
+        // 8 alone (2 × 8 > 12), then 6 + 4 (2 × 6), then 3 + 2 (2 × 3); every row once
+        assert_eq!(parts, vec![vec![1], vec![3, 0], vec![2, 4]]);
+        assert_eq!(token_budget_parts(&[0, 1], |r| lens[r], 1), vec![vec![1], vec![0]], "rows over the budget go alone");
+        let mut cfg = RlConfig::default();
+        cfg.data.train = "x.jsonl".into();
+        cfg.loss.micro_batch_rows = 2;
+        cfg.loss.max_tokens_per_microbatch = 100;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("set one"), "{e}");
     }
 
     #[test]
