@@ -179,7 +179,6 @@ pub fn rl_config(data: &Path, model: &Path, out: &Path, steps: usize) -> RlConfi
         "loss.entropy_coef=0.01".into(),
         // T1's path: the KL (k3) in the reward, centred leave-one-out in each group
         "loss.kl_in=\"reward\"".into(),
-        "loss.kl_on_policy_normalize=true".into(),
         "loss.kl_coef=0.1".into(),
         "loss.minibatches=1".into(),
         "anchor.mode=\"ema\"".into(),

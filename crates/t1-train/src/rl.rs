@@ -143,10 +143,15 @@ pub struct LossConfig {
     pub clip_eps_high: f32,
     pub entropy_coef: f32,
     pub kl_coef: f32,
-    pub kl_estimator: KlEstimator,
+    /// Unset: k1 with `kl_in = "reward"`, k3 with `kl_in = "loss"` ([`LossConfig::estimator`]).
+    pub kl_estimator: Option<KlEstimator>,
     pub kl_in: KlPlacement,
-    /// Centre each sample's KL leave-one-out within its group before it enters the reward.
-    pub kl_on_policy_normalize: bool,
+    /// Removed: leave-one-out centring of each sample's KL before the reward, followed by the
+    /// RLOO (or GRPO) baseline, equals the uncentred KL with `kl_coef` scaled by K/(K−1)
+    /// (centring is linear and LOO(LOO(x)) = K/(K−1)·LOO(x)), so the switch never changed the
+    /// learning signal; and T1's "mean KL subtracted so the reward is centred" is exactly
+    /// undone by the baseline. Setting it is an error that says so.
+    pub kl_on_policy_normalize: Option<bool>,
     /// Optimisation epochs over each rollout batch.
     pub epochs: usize,
     /// Minibatches (optimiser steps) per epoch.
@@ -222,6 +227,21 @@ impl Default for RewardConfig {
         Self { grader: GraderConfig::default(), penalty: PenaltyConfig::default(), penalty_after_baseline: false }
     }
 }
+impl LossConfig {
+    /// The KL estimator: `kl_estimator`, else k1 for the KL in the reward and k3 for the KL in
+    /// the loss. In the reward the KL is a detached penalty whose score-function gradient
+    /// E_π[k(x) ∇log π(x)] is ∇KL(π‖π_ref) for k1 = log π/π_ref (E_π[∇log π] = 0 takes care of
+    /// the rest), but not for k3 (tested on a categorical example); in the loss the KL is
+    /// differentiated through log π, where k1's gradient vanishes in expectation and k3 is
+    /// what GRPO implementations use.
+    pub fn estimator(&self) -> KlEstimator {
+        self.kl_estimator.unwrap_or(match self.kl_in {
+            KlPlacement::Reward => KlEstimator::K1,
+            KlPlacement::Loss => KlEstimator::K3,
+        })
+    }
+}
+
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
@@ -232,9 +252,9 @@ impl Default for LossConfig {
             clip_eps_high: 0.28,
             entropy_coef: 0.0,
             kl_coef: 2e-4,
-            kl_estimator: KlEstimator::K3,
+            kl_estimator: None,
             kl_in: KlPlacement::Reward,
-            kl_on_policy_normalize: true,
+            kl_on_policy_normalize: None,
             epochs: 1,
             minibatches: 1,
             micro_batch_rows: 0,
@@ -255,6 +275,9 @@ impl RlConfig {
             return bad("data.train is empty: give a problems JSONL file".into());
         }
         self.sampling.validate().or_else(|m| bad(format!("sampling: {m}")))?;
+        if self.loss.kl_on_policy_normalize.is_some() {
+            return bad("loss.kl_on_policy_normalize was removed: with the RLOO or GRPO baseline, centring the KL leave-one-out only scaled kl_coef by K/(K-1) (K = rollout.samples_per_prompt); delete the key, and multiply kl_coef by K/(K-1) to keep an old run's KL weight".into());
+        }
         if self.loss.micro_batch_rows > 0 && self.loss.max_tokens_per_microbatch > 0 {
             return bad("loss.micro_batch_rows and loss.max_tokens_per_microbatch both set: micro-batches are formed by rows or by a token budget, set one".into());
         }
@@ -421,7 +444,7 @@ pub fn run_rl<B: FusedAutodiff>(cfg: &RlConfig, resolved: &str, resume: bool, de
         let old_logp = batch.logprobs(&inner, cfg.sampling.temperature);
         let ref_logp = batch.logprobs(&common::cast(reference.clone(), compute), cfg.sampling.temperature);
         let (gap_max, gap_mean) = batch.gap(&old_logp);
-        let kl_tok = kl(tensor2::<B::InnerBackend>(&old_logp, batch.rows, batch.len, device), tensor2(&ref_logp, batch.rows, batch.len, device), cfg.loss.kl_estimator);
+        let kl_tok = kl(tensor2::<B::InnerBackend>(&old_logp, batch.rows, batch.len, device), tensor2(&ref_logp, batch.rows, batch.len, device), cfg.loss.estimator());
         let kl_tok = host(kl_tok);
         let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
         let adv = compute_advantages(cfg, &samples, &kl_seq);
@@ -622,8 +645,7 @@ fn select(group: &mut Vec<Sample>, keep: Keep, n: usize, rng: &mut ChaCha8Rng) {
 /// Per-sequence advantages, group by group (consecutive samples with the same `group`):
 /// 1. the rewards r_i: with `penalty_after_baseline` the grader's scores before penalties,
 ///    else the rewards in which the penalty value has replaced the score of penalised samples;
-/// 2. with `kl_in = "reward"`: r_i ← r_i − kl_coef · KL_i, KL_i the sample's summed token KL
-///    (centred leave-one-out in its group first with `kl_on_policy_normalize`);
+/// 2. with `kl_in = "reward"`: r_i ← r_i − kl_coef · KL_i, KL_i the sample's summed token KL;
 /// 3. the baseline within the group (RLOO: A_i = r_i − mean_{j≠i} r_j);
 /// 4. with `penalty_after_baseline`: a penalised sample's advantage is the penalty value.
 ///
@@ -639,9 +661,7 @@ fn compute_advantages(cfg: &RlConfig, samples: &[Sample], kl_seq: &[f32]) -> Vec
         let idx = start..end;
         let mut rewards: Vec<f32> = samples[idx.clone()].iter().map(|s| if after { s.score } else { s.reward }).collect();
         if l.kl_in == KlPlacement::Reward && l.kl_coef != 0.0 {
-            let kls = &kl_seq[idx.clone()];
-            let kls = if l.kl_on_policy_normalize { center_leave_one_out(kls) } else { kls.to_vec() };
-            for (r, k) in rewards.iter_mut().zip(kls) {
+            for (r, k) in rewards.iter_mut().zip(&kl_seq[idx.clone()]) {
                 *r -= l.kl_coef * k;
             }
         }
@@ -909,7 +929,7 @@ fn minibatch_loss<B: FusedAutodiff>(
     }
     if l.kl_in == KlPlacement::Loss && l.kl_coef != 0.0 {
         let r = tensor2::<B>(&pick(ref_logp), n, width, &device);
-        loss = loss + aggregate(kl(logp, r, l.kl_estimator), mask.clone(), l.agg, norm).mul_scalar(l.kl_coef);
+        loss = loss + aggregate(kl(logp, r, l.estimator()), mask.clone(), l.agg, norm).mul_scalar(l.kl_coef);
     }
     let clip_frac = scalar(aggregate(clipped, mask, AggMode::TokenMean, norm).detach());
     (loss, clip_frac, scalar(entropy.detach()))
@@ -973,16 +993,57 @@ mod tests {
     fn kl_in_the_reward_is_subtracted_before_the_baseline() {
         let samples = groups(&[&[(1.0, 1.0, false); 4]]);
         let kl = [1.0, 2.0, 3.0, 6.0];
-        // centred leave-one-out: [1 − 11/3, 2 − 10/3, 3 − 3, 6 − 2]; r' = 1 − 0.5·that = [7/3, 5/3, 1, −1];
-        // RLOO of r' (sum 4): [7/3 − 5/9, 5/3 − 7/9, 1 − 1, −1 − 5/3]
-        let on = cfg_with(|c| c.loss.kl_coef = 0.5);
-        close(&compute_advantages(&on, &samples, &kl), &[16.0 / 9.0, 8.0 / 9.0, 0.0, -8.0 / 3.0]);
-        // uncentred: r' = [0.5, 0, −0.5, −2] (sum −2) → [0.5 + 5/6, 0 + 2/3, −0.5 + 1/2, −2 − 0]
-        let off = cfg_with(|c| (c.loss.kl_coef, c.loss.kl_on_policy_normalize) = (0.5, false));
-        close(&compute_advantages(&off, &samples, &kl), &[4.0 / 3.0, 2.0 / 3.0, 0.0, -2.0]);
+        // r' = 1 − 0.5·KL = [0.5, 0, −0.5, −2] (sum −2) → RLOO [0.5 + 5/6, 0 + 2/3, −0.5 + 1/2, −2 − 0]
+        let cfg = cfg_with(|c| c.loss.kl_coef = 0.5);
+        close(&compute_advantages(&cfg, &samples, &kl), &[4.0 / 3.0, 2.0 / 3.0, 0.0, -2.0]);
+        // why kl_on_policy_normalize was removed: the KL centred leave-one-out, then RLOO, is the
+        // uncentred KL at kl_coef · K/(K−1)
+        let centred = center_leave_one_out(&kl);
+        let scaled = cfg_with(|c| c.loss.kl_coef = 0.5 * 4.0 / 3.0);
+        close(&compute_advantages(&cfg, &samples, &centred), &compute_advantages(&scaled, &samples, &kl));
+        let mut old = cfg_with(|c| c.loss.kl_on_policy_normalize = Some(true));
+        old.data.train = "x.jsonl".into();
+        let e = old.validate().unwrap_err().to_string();
+        assert!(e.contains("kl_on_policy_normalize was removed") && e.contains("K/(K-1)"), "{e}");
         // in the loss (or with no coefficient) the KL does not touch the advantages: all rewards equal
         let in_loss = cfg_with(|c| (c.loss.kl_coef, c.loss.kl_in) = (0.5, KlPlacement::Loss));
         close(&compute_advantages(&in_loss, &samples, &kl), &[0.0; 4]);
+    }
+
+    /// KL in the reward enters as a detached penalty: REINFORCE's expected gradient is
+    /// E_π[k(x) ∇_θ log π(x)]. On a categorical π = softmax(θ) this is ∇KL(π‖π_ref) (by
+    /// autodiff) for k1 and not for k3, hence the k1 default there.
+    #[test]
+    fn k1_in_the_reward_gives_the_kl_gradient_and_k3_does_not() {
+        type A = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        let theta = [0.3f32, -1.2, 0.8, 0.1, -0.4];
+        let reference = [0.1f32, 0.3, 0.2, 0.25, 0.15];
+        let n = theta.len();
+        // exact ∇KL(π‖π_ref) by autodiff
+        let th = Tensor::<A, 1>::from_floats(theta, &device).require_grad();
+        let logp = burn::tensor::activation::log_softmax(th.clone(), 0);
+        let log_ref = Tensor::<A, 1>::from_floats(reference.map(f32::ln), &device);
+        let kl_exact = (logp.clone().exp() * (logp - log_ref)).sum();
+        let grads = kl_exact.backward();
+        let want: Vec<f32> = th.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        // E_π[k(x) (e_x − π)] with k from t1_algo::kl, every category one "sample" weighted by π
+        let z: f32 = theta.iter().map(|t| t.exp()).sum();
+        let pi: Vec<f32> = theta.iter().map(|t| t.exp() / z).collect();
+        let logpi: Vec<f32> = pi.iter().map(|p| p.ln()).collect();
+        let expected_grad = |estimator: KlEstimator| -> Vec<f32> {
+            let k = host(kl(tensor2::<Flex>(&logpi, 1, n, &device), tensor2(&reference.map(f32::ln), 1, n, &device), estimator));
+            (0..n).map(|j| (0..n).map(|x| pi[x] * k[x] * (f32::from(x == j) - pi[j])).sum()).collect()
+        };
+        let scale = t1_model::compare::max_abs(&want);
+        let k1 = expected_grad(KlEstimator::K1);
+        assert!(max_abs_diff(&k1, &want) <= 1e-5 * scale.max(1.0), "k1: {k1:?} vs ∇KL {want:?}");
+        let k3 = expected_grad(KlEstimator::K3);
+        assert!(max_abs_diff(&k3, &want) > 0.1 * scale, "k3 should not give ∇KL: {k3:?} vs {want:?}");
+        // the defaults
+        assert_eq!(LossConfig::default().estimator(), KlEstimator::K1);
+        assert_eq!(LossConfig { kl_in: KlPlacement::Loss, ..Default::default() }.estimator(), KlEstimator::K3);
+        assert_eq!(LossConfig { kl_estimator: Some(KlEstimator::K2), ..Default::default() }.estimator(), KlEstimator::K2);
     }
 
     #[test]
@@ -1162,7 +1223,7 @@ mod tests {
         // an anchor a little off the policy, so the KL term is not zero
         let anchor: Qwen2<Flex> = t1_algo::ema_update(policy.valid(), &tiny_model::<Flex>(8), 0.9);
         let ref_logp = batch.logprobs(&anchor, cfg.sampling.temperature);
-        let kl_tok = host(kl(tensor2::<Flex>(&old_logp, batch.rows, batch.len, &Default::default()), tensor2(&ref_logp, batch.rows, batch.len, &Default::default()), cfg.loss.kl_estimator));
+        let kl_tok = host(kl(tensor2::<Flex>(&old_logp, batch.rows, batch.len, &Default::default()), tensor2(&ref_logp, batch.rows, batch.len, &Default::default()), cfg.loss.estimator()));
         let kl_seq: Vec<f32> = (0..batch.rows).map(|r| batch.masked_row_sum(&kl_tok, r)).collect();
         let adv: Vec<f32> = compute_advantages(&cfg, &samples, &kl_seq).into_iter().map(|a| a * sign).collect();
         assert_eq!(adv.iter().map(|a| *a > 0.0).collect::<Vec<_>>(), [sign > 0.0, sign > 0.0, sign < 0.0, sign < 0.0], "advantages {adv:?}");
