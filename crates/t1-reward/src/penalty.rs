@@ -67,9 +67,18 @@ pub struct GarbledRule {
     /// than `\n` `\t` `\r`, or private-use (default 0.05).
     pub max_bad_char_fraction: f32,
     /// Flag when letters switch script inside a word more often than this per 100 characters
-    /// (default 1.0). Switches among Latin, Greek and CJK are not counted: math text mixes
-    /// them legitimately (`设a和b`, `2πr`).
+    /// (default 1.0). Switches among Latin, Greek and CJK are not counted here: math text
+    /// mixes them legitimately (`设a和b`, `2πr`); Latin↔CJK mixing has its own test below.
     pub max_script_switches_per_100_chars: f32,
+    /// Flag Latin↔CJK language mixing, the common failure of Qwen models: outside maths
+    /// (`$…$`, `\(…\)`, `\[…\]`) and LaTeX commands, count English words (2+ Latin letters;
+    /// one-letter variables are maths) and CJK characters; when the smaller of the two is more
+    /// than this fraction of their sum, the text switches language (default 0.2). Chinese
+    /// maths with variables, `\frac` and a word like `Python` stays far below.
+    pub max_mixed_language_fraction: f32,
+    /// ... and the smaller count is at least this (default 6), so that one quoted phrase in
+    /// the other language is not flagged.
+    pub min_mixed_language_count: usize,
 }
 
 impl Default for GarbledRule {
@@ -78,6 +87,8 @@ impl Default for GarbledRule {
             enabled: true,
             max_bad_char_fraction: 0.05,
             max_script_switches_per_100_chars: 1.0,
+            max_mixed_language_fraction: 0.2,
+            min_mixed_language_count: 6,
         }
     }
 }
@@ -179,8 +190,77 @@ pub fn is_garbled(text: &str, rule: &GarbledRule) -> bool {
     }
     let bad = text.chars().filter(|&c| unreadable(c)).count();
     let per_100 = script_switches(text) as f32 * 100.0 / total as f32;
+    let (latin, cjk) = language_counts(text);
+    let minority = latin.min(cjk);
     bad as f32 / total as f32 > rule.max_bad_char_fraction
         || per_100 > rule.max_script_switches_per_100_chars
+        || (minority >= rule.min_mixed_language_count && minority as f32 > rule.max_mixed_language_fraction * (latin + cjk) as f32)
+}
+
+/// (English words of 2+ Latin letters, CJK characters) of `text` outside maths and LaTeX
+/// commands ([`GarbledRule::max_mixed_language_fraction`]).
+fn language_counts(text: &str) -> (usize, usize) {
+    let (mut latin_words, mut cjk) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    let mut math: Option<&str> = None; // the closing delimiter while inside maths
+    let mut word = 0usize; // Latin letters of the current word
+    let end_word = |word: &mut usize, latin_words: &mut usize| {
+        if *word >= 2 {
+            *latin_words += 1;
+        }
+        *word = 0;
+    };
+    while let Some(c) = chars.next() {
+        if let Some(close) = math {
+            let hit = match close {
+                "$" => c == '$',
+                ")" | "]" => c == '\\' && chars.peek() == Some(&close.chars().next().unwrap_or(' ')),
+                _ => false,
+            };
+            if hit {
+                if close != "$" {
+                    chars.next();
+                }
+                math = None;
+            }
+            continue;
+        }
+        match c {
+            '$' => {
+                end_word(&mut word, &mut latin_words);
+                if chars.peek() == Some(&'$') {
+                    chars.next();
+                }
+                math = Some("$");
+            }
+            '\\' => {
+                end_word(&mut word, &mut latin_words);
+                match chars.peek() {
+                    Some('(') => {
+                        chars.next();
+                        math = Some(")");
+                    }
+                    Some('[') => {
+                        chars.next();
+                        math = Some("]");
+                    }
+                    // a LaTeX command: skip its name
+                    _ => {
+                        while chars.peek().is_some_and(|c| c.is_ascii_alphabetic()) {
+                            chars.next();
+                        }
+                    }
+                }
+            }
+            c if script(c) == Some(Script::Latin) => word += 1,
+            c => {
+                end_word(&mut word, &mut latin_words);
+                cjk += usize::from(script(c) == Some(Script::Cjk));
+            }
+        }
+    }
+    end_word(&mut word, &mut latin_words);
+    (latin_words, cjk)
 }
 
 fn unreadable(c: char) -> bool {
@@ -272,6 +352,18 @@ So the answer is \boxed{12}.";
     }
 
     #[test]
+    fn chinese_maths_and_english_with_a_quoted_phrase_are_not_mixed_language() {
+        let cfg = PenaltyConfig::default();
+        let zh = "设 $f(x) = x^2 + ax + b$，其中 a 和 b 是实数。由 \\(f(1) = 0\\) 得 a + b = -1；再由判别式 \\[a^2 - 4b \\ge 0\\] \
+                  可知 b 的取值范围。用 Python 验证：当 a = -3, b = 2 时成立。因此答案是 \\boxed{2}。";
+        let (latin, cjk) = language_counts(zh);
+        assert!(latin <= 1 && cjk > 30, "({latin}, {cjk})");
+        assert!(!penalties(&zh.repeat(4), false, &cfg).garbled);
+        let en = format!("{COT} In Chinese this is called 答案 (the answer).");
+        assert!(!penalties(&en, false, &cfg).garbled, "{:?}", language_counts(&en));
+    }
+
+    #[test]
     fn each_penalty_fires() {
         let cfg = PenaltyConfig::default();
         let chunk: String = (0..80)
@@ -295,6 +387,11 @@ So the answer is \boxed{12}.";
         assert!(penalties(&private, false, &cfg).garbled);
         let mixed = "thе rеsult оf thе sеcоnd stер is ваlue ".repeat(10); // Cyrillic е/о/р/в/а
         assert!(penalties(&mixed, false, &cfg).garbled);
+        // Latin↔CJK switching inside sentences, either way round
+        let en_zh = "Let me compute 这个 sum first. 首先 we have 3 + 4 = 7，然后 the answer should be 7. 所以 \\boxed{7}";
+        assert!(penalties(en_zh, false, &cfg).garbled, "{:?}", language_counts(en_zh));
+        let zh_en = "我们先计算 3 + 4 的值。 Then we need to check the result carefully before moving on. 所以答案是 \\boxed{7}。";
+        assert!(penalties(zh_en, false, &cfg).garbled, "{:?}", language_counts(zh_en));
 
         assert_eq!(
             penalties(COT, true, &cfg),
