@@ -23,7 +23,7 @@ with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
                 m["content"] = "\n".join([m["content"]] * k)
         out.write(json.dumps(ex) + "\n")
 PY
-for round in 1 2; do
+for round in 1 2 3; do
   for data in sft_train longtail; do
     for packing in false true; do
       out="$work/run-$data-$packing-$round"

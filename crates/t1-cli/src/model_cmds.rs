@@ -91,7 +91,8 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: Option<&str>) -> R
     let merged = m.merge_lora();
     t1_model::save(&merged, &config, out, &t1_model::SaveOptions { dtype: Some(dtype), ..Default::default() })?;
     if tokenizer.exists() {
-        std::fs::copy(&tokenizer, out.join("tokenizer.json")).with_context(|| format!("copying {}", tokenizer.display()))?;
+        // tokenizer.json with its tokenizer_config.json (chat template, EOS) and chat_template.jinja
+        t1_data::ChatTokenizer::from_file(&tokenizer)?.save(&out.join("tokenizer.json"))?;
     }
     eprintln!("merged {} into {} ({}): {}", adapter.display(), model.display(), dtype.torch_name(), out.display());
     Ok(())

@@ -174,19 +174,38 @@ fn template_error(origin: &str, e: &Error) -> DataError {
     DataError::Template { origin: origin.to_string(), message }
 }
 
-/// Replaces `{% generation %}` / `{% endgeneration %}` (with any `-`/`+` whitespace control)
-/// by `{{ "\uE000" }}` / `{{ "\uE001" }}` with the same control; says whether any was found.
+/// Replaces `{% generation %}` / `{% endgeneration %}` by block tags that output the marker
+/// characters, `{% if true %}{{ "\uE000" }}{% endif %}`, with the original tag's whitespace
+/// control on the outer ends, so that `trim_blocks`, `lstrip_blocks`, `-` and `+` act as on
+/// the original block tag. Comments, expressions and `{% raw %}` blocks are copied as they
+/// are. Says whether any generation tag was found.
 fn rewrite_generation_tags(source: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     let mut found = false;
-    while let Some(at) = rest.find("{%") {
+    // the next `{%`, `{{` or `{#`
+    while let Some(at) = rest.find('{').filter(|_| !rest.is_empty()) {
+        let (open, close) = match rest[at..].get(..2) {
+            Some("{%") => ("{%", "%}"),
+            Some("{{") => ("{{", "}}"),
+            Some("{#") => ("{#", "#}"),
+            _ => {
+                out.push_str(&rest[..at + 1]);
+                rest = &rest[at + 1..];
+                continue;
+            }
+        };
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find(close).map(|e| e + 2) else {
             out.push_str(tag);
             return (out, found);
         };
+        rest = &tag[end + 2..];
+        if open != "{%" {
+            out.push_str(&tag[..end + 2]);
+            continue;
+        }
         let inner = &tag[2..end];
         let (left, body) = match inner.strip_prefix(['-', '+']) {
             Some(b) => (&inner[..1], b),
@@ -199,19 +218,23 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
         let marker = match body.trim() {
             "generation" => Some(GEN_OPEN),
             "endgeneration" => Some(GEN_CLOSE),
+            "raw" => {
+                // copied through its {% endraw %} untouched
+                out.push_str(&tag[..end + 2]);
+                let close_at = rest.find("endraw").and_then(|i| rest[i..].find("%}").map(|j| i + j + 2)).unwrap_or(rest.len());
+                out.push_str(&rest[..close_at]);
+                rest = &rest[close_at..];
+                continue;
+            }
             _ => None,
         };
         match marker {
             Some(m) => {
                 found = true;
-                // `+` (keep whitespace) has no meaning on an expression tag; jinja's default is kept
-                let l = if left == "-" { "-" } else { "" };
-                let r = if right == "-" { "-" } else { "" };
-                out.push_str(&format!("{{{{{l} \"\\u{:04X}\" {r}}}}}", m as u32));
+                out.push_str(&format!("{{%{left} if true %}}{{{{ \"\\u{:04X}\" }}}}{{% endif {right}%}}", m as u32));
             }
             None => out.push_str(&tag[..end + 2]),
         }
-        rest = &tag[end + 2..];
     }
     out.push_str(rest);
     (out, found)
@@ -449,6 +472,20 @@ mod tests {
         assert_eq!(r.generation, vec![5..6, 18..20]);
         let e = t.render(&[msg("user", "x\u{E000}")], false, &TemplateVars::default()).unwrap_err().to_string();
         assert!(e.contains("U+E000"), "{e}");
+    }
+
+    #[test]
+    fn generation_tags_act_as_block_tags_and_comments_are_left_alone() {
+        // lstrip_blocks removes the indentation before the tag, trim_blocks the newline after it
+        let src = "{% for m in messages %}\n    {% generation %}\n{{ m.content }}{% endgeneration %}\n{% endfor %}{# {% generation %} #}{{ '{%' }}";
+        let t = ChatTemplate::new(src, "test").unwrap();
+        let r = t.render(&[msg("assistant", "ab")], false, &TemplateVars::default()).unwrap();
+        assert_eq!(r.text, "ab{%");
+        assert_eq!(r.generation, vec![0..2]);
+        // a comment mentioning the tag is not a generation block
+        assert!(!ChatTemplate::new("{# {% generation %} #}{{ messages[0].content }}", "t").unwrap().has_generation_blocks());
+        // a malformed tag is a compile error, not a panic
+        assert!(ChatTemplate::new("{%}", "t").is_err());
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct ChatTokenizer {
     chat: Tokenizer,
     vocab_size: usize,
     eos: u32,
+    /// Where an assistant turn ends in the loss mask: the EOS and generation_config.json's
+    /// `eos_token_id`s when one sits beside tokenizer.json (Gemma ends turns with
+    /// `<end_of_turn>`, not its EOS).
+    stops: Vec<u32>,
     pad: u32,
     template: ChatTemplate,
     vars: TemplateVars,
@@ -147,7 +151,21 @@ impl ChatTokenizer {
         chat.set_encode_special_tokens(false);
         tok.set_encode_special_tokens(true);
         let vars = TemplateVars { bos_token, eos_token, extra: Default::default() };
-        Ok(Self { tok, chat, vocab_size, eos, pad, template, vars, config, template_file })
+        let mut stops = vec![eos];
+        if let Some(dir) = path.and_then(Path::parent) {
+            let generation = dir.join("generation_config.json");
+            if let Ok(text) = std::fs::read_to_string(&generation) {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| DataError::Tokenizer { path: Some(generation.clone()), message: format!("not valid JSON: {e}") })?;
+                let ids = match &v["eos_token_id"] {
+                    serde_json::Value::Number(n) => n.as_u64().into_iter().collect(),
+                    serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+                    _ => Vec::new(),
+                };
+                stops.extend(ids.into_iter().map(|id| id as u32).filter(|id| *id != eos));
+            }
+        }
+        Ok(Self { tok, chat, vocab_size, eos, stops, pad, template, vars, config, template_file })
     }
 
     /// Extra template variables (transformers' `apply_chat_template(**kwargs)`, verl's
@@ -278,9 +296,18 @@ impl ChatTokenizer {
     /// Byte ranges of the assistant turns of `text` (the whole rendering) found by rendering
     /// prefixes (TRL's approach for templates without generation blocks).
     fn assistant_spans(&self, messages: &[Message], text: &str, ids: &[u32], offsets: &[(usize, usize)]) -> Result<Vec<Range<usize>>, DataError> {
-        let mut spans = Vec::new();
+        let err = |message: String| DataError::Template { origin: self.template.origin().to_string(), message };
+        let mut starts = Vec::new();
         for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             let prompt = self.template.render(&messages[..i], true, &self.vars)?.text;
+            let before = self.template.render(&messages[..i], false, &self.vars)?.text;
+            if prompt == before {
+                return Err(err(format!(
+                    "add_generation_prompt adds nothing before assistant message {i}, so its role header cannot be \
+                     told from its content; use a template that writes the assistant header for add_generation_prompt, \
+                     or mark the trained tokens with {{% generation %}}…{{% endgeneration %}}"
+                )));
+            }
             let mut start = prompt.bytes().zip(text.bytes()).take_while(|(a, b)| a == b).count();
             while !text.is_char_boundary(start) {
                 start -= 1;
@@ -290,25 +317,41 @@ impl ChatTokenizer {
                 // false prompts with an empty think block that earlier turns do not have): it is
                 // trained from where it departs if the conversation before it is unchanged and
                 // the message's content starts right there (so no role header is trained).
-                let before = self.template.render(&messages[..i], false, &self.vars)?.text;
                 let content = m.content.trim();
                 if !text.starts_with(&before) || start < before.len() || content.is_empty() || !text[start..].starts_with(content) {
-                    return Err(DataError::Template {
-                        origin: self.template.origin().to_string(),
-                        message: format!(
-                            "the template renders the conversation before message {i} differently once message {i} \
-                             follows, so the tokens of assistant message {i} cannot be found; mark them with \
-                             {{% generation %}}…{{% endgeneration %}} in the template"
-                        ),
-                    });
+                    return Err(err(format!(
+                        "the template renders the conversation before message {i} differently once message {i} \
+                         follows, so the tokens of assistant message {i} cannot be found; mark them with \
+                         {{% generation %}}…{{% endgeneration %}} in the template"
+                    )));
                 }
             }
+            starts.push((i, start));
+        }
+        let mut spans = Vec::with_capacity(starts.len());
+        for (k, &(i, start)) in starts.iter().enumerate() {
+            // the turn ends at its first stop token, before the next assistant turn starts
+            let bound = starts.get(k + 1).map_or(text.len(), |&(_, s)| s);
             let end = ids
                 .iter()
                 .zip(offsets)
-                .find(|(id, (s, _))| *s >= start && **id == self.eos)
-                .map_or(text.len(), |(_, (_, e))| *e);
-            spans.push(start..end);
+                .find(|(id, (s, e))| *s >= start && *e <= bound && self.stops.contains(id))
+                .map(|(_, (_, e))| *e);
+            match end {
+                Some(end) => spans.push(start..end),
+                // the last turn of a rendering with no closing token (a template that leaves the
+                // final turn open) is trained to the end
+                None if k + 1 == starts.len() && !text[start..].contains(&self.vars.eos_token) => spans.push(start..text.len()),
+                None => {
+                    return Err(err(format!(
+                        "assistant message {i} does not end with a stop token ({} or generation_config.json's \
+                         eos_token_id) before the next assistant turn, so its end cannot be found; mark the trained \
+                         tokens with {{% generation %}}…{{% endgeneration %}}, or name the end-of-turn token in \
+                         generation_config.json's eos_token_id",
+                        self.vars.eos_token
+                    )))
+                }
+            }
         }
         Ok(spans)
     }
@@ -616,6 +659,33 @@ mod tests {
         let tok = with_template("{% for m in messages %}[{{ m.role }}]{{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}[bot]{% endif %}");
         let e = tok.encode_chat(&[msg("user", "a"), msg("assistant", "b")], false).unwrap_err().to_string();
         assert!(e.contains("assistant message 1") && e.contains("{% generation %}"), "{e}");
+    }
+
+    #[test]
+    fn a_turn_ends_at_a_stop_token_of_generation_config_or_is_an_error() {
+        // assistant turns closed by <|endoftext|> (id 0), not by the EOS <|im_end|>
+        let src = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let tok = small_tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), src).unwrap();
+        let msgs = [msg("user", "1 + 2?"), msg("assistant", "3"), msg("user", "2 + 2?"), msg("assistant", "4")];
+        let e = ChatTokenizer::from_file(&path).unwrap().encode_chat(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("assistant message 1 does not end with a stop token"), "{e}");
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+        let tok = ChatTokenizer::from_file(&path).unwrap();
+        let (ids, mask) = tok.encode_chat(&msgs, false).unwrap();
+        let masked: Vec<u32> = ids.iter().zip(&mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect();
+        let mut want = tok.encode("3");
+        want.push(0);
+        want.extend(tok.encode("4"));
+        want.push(0);
+        assert_eq!(masked, want);
+        // a template that writes no assistant header for add_generation_prompt
+        std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}").unwrap();
+        let e = ChatTokenizer::from_file(&path).unwrap().encode_chat(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("add_generation_prompt adds nothing"), "{e}");
     }
 
     #[test]

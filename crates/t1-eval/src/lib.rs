@@ -28,6 +28,10 @@ pub struct EvalConfig {
     pub samples: usize,
     /// 0 = greedy.
     pub temperature: f32,
+    /// Nucleus sampling of the responses (1 = off).
+    pub top_p: f32,
+    /// Top-k sampling of the responses (0 = off).
+    pub top_k: usize,
     /// Appended after a cut reasoning to force the final answer.
     pub forced_answer_cue: String,
     /// Tokens allowed for the forced answer.
@@ -49,6 +53,8 @@ impl Default for EvalConfig {
             budgets: vec![16, 32, 64, 128, 256],
             samples: 1,
             temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
             forced_answer_cue: "\nTime is up. Final answer: \\boxed{".into(),
             answer_tokens: 12,
             seed: 0,
@@ -118,7 +124,7 @@ pub fn sweep(
     name: &str,
 ) -> Result<EvalReport, t1_data::DataError> {
     let max_budget = cfg.budgets.iter().copied().max().unwrap_or(1).max(1);
-    let sampling = SamplingConfig { temperature: cfg.temperature, top_p: 1.0, top_k: 0, max_new_tokens: max_budget };
+    let sampling = SamplingConfig { temperature: cfg.temperature, top_p: cfg.top_p, top_k: cfg.top_k, max_new_tokens: max_budget };
     let mut prompts = Vec::with_capacity(problems.len() * cfg.samples);
     for p in problems {
         prompts.extend(std::iter::repeat_n(tokenizer.encode_prompt(&p.prompt)?, cfg.samples));

@@ -413,6 +413,7 @@ struct Rope<B: Backend> {
 /// [`MASKED`] elsewhere.
 fn attention_bias<B: Backend>(inputs: &Inputs, device: &B::Device, dtype: DType) -> Tensor<B, 4> {
     let (b, t, past) = (inputs.batch, inputs.len, inputs.past);
+    assert!(inputs.segments.is_none() || past == 0, "packed rows (segments) are for uncached forwards only");
     let s = past + t;
     let mut bias = vec![MASKED; b * t * s];
     for row in 0..b {

@@ -213,7 +213,9 @@ fn language_counts(text: &str) -> (usize, usize) {
     while let Some(c) = chars.next() {
         if let Some(close) = math {
             let hit = match close {
-                "$" => c == '$',
+                // inline maths also ends at a line break, so a lone `$` hides one line at most
+                "$" => c == '$' || c == '\n',
+                "$$" => c == '$' && chars.peek() == Some(&'$'),
                 ")" | "]" => c == '\\' && chars.peek() == Some(&close.chars().next().unwrap_or(' ')),
                 _ => false,
             };
@@ -222,16 +224,21 @@ fn language_counts(text: &str) -> (usize, usize) {
                     chars.next();
                 }
                 math = None;
+            } else if c == '\\' {
+                // an escaped character inside maths (`\$`) does not close it
+                chars.next();
             }
             continue;
         }
         match c {
             '$' => {
                 end_word(&mut word, &mut latin_words);
-                if chars.peek() == Some(&'$') {
+                math = Some(if chars.peek() == Some(&'$') {
                     chars.next();
-                }
-                math = Some("$");
+                    "$$"
+                } else {
+                    "$"
+                });
             }
             '\\' => {
                 end_word(&mut word, &mut latin_words);
@@ -245,10 +252,14 @@ fn language_counts(text: &str) -> (usize, usize) {
                         math = Some("]");
                     }
                     // a LaTeX command: skip its name
-                    _ => {
+                    Some(c) if c.is_ascii_alphabetic() => {
                         while chars.peek().is_some_and(|c| c.is_ascii_alphabetic()) {
                             chars.next();
                         }
+                    }
+                    // an escaped character (`\$`, `\\`): skip it
+                    _ => {
+                        chars.next();
                     }
                 }
             }
@@ -392,6 +403,12 @@ So the answer is \boxed{12}.";
         assert!(penalties(en_zh, false, &cfg).garbled, "{:?}", language_counts(en_zh));
         let zh_en = "我们先计算 3 + 4 的值。 Then we need to check the result carefully before moving on. 所以答案是 \\boxed{7}。";
         assert!(penalties(zh_en, false, &cfg).garbled, "{:?}", language_counts(zh_en));
+        // display maths, an escaped dollar or a lone one hide nothing past them
+        for lead in ["$$x^2$$ ", "It costs \\$5. ", "It costs $5\n"] {
+            let text = format!("{lead}{en_zh}");
+            assert_eq!(language_counts(&text).1, language_counts(en_zh).1, "{text:?}");
+            assert!(penalties(&text, false, &cfg).garbled, "{text:?}");
+        }
 
         assert_eq!(
             penalties(COT, true, &cfg),

@@ -198,16 +198,24 @@ pub struct SftSummary {
     pub final_dir: PathBuf,
 }
 
-/// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example
-/// whose prompt leaves no answer token within `max_len` is an error naming its line (skipped
-/// and counted with `skip`).
+/// Tokenizes SFT examples (loss on assistant tokens), truncated to `max_len`. An example the
+/// chat template refuses, or whose prompt leaves no answer token within `max_len`, is an error
+/// naming its line (skipped and counted with `skip`).
 pub fn tokenize_sft(tokenizer: &ChatTokenizer, path: &Path, max_len: usize, skip: bool, columns: &t1_data::Columns) -> Result<(Vec<TokenizedExample>, usize), TrainError> {
     let on_bad = if skip { OnBadLine::Skip } else { OnBadLine::Error };
     let loaded = t1_data::read_sft_with(path, on_bad, columns)?;
     let mut skipped = loaded.skipped;
     let mut examples = Vec::with_capacity(loaded.items.len());
     for (ex, line) in loaded.items.iter().zip(&loaded.lines) {
-        let (mut ids, mut loss_mask) = tokenizer.encode_chat(&ex.messages, false).map_err(|e| TrainError::Config { origin: format!("{}:{line}", path.display()), message: e.to_string() })?;
+        let (mut ids, mut loss_mask) = match tokenizer.encode_chat(&ex.messages, false) {
+            Ok(enc) => enc,
+            // a row the template refuses (its raise_exception, an unfindable turn)
+            Err(_) if skip => {
+                skipped += 1;
+                continue;
+            }
+            Err(e) => return Err(TrainError::Config { origin: format!("{}:{line}", path.display()), message: e.to_string() }),
+        };
         let prompt = loss_mask.iter().position(|&m| m).unwrap_or(loss_mask.len());
         ids.truncate(max_len);
         loss_mask.truncate(max_len);
