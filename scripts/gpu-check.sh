@@ -97,7 +97,7 @@ done
 
 log "4. bf16 SFT with f32 master weights on cuda"
 with_peak "t1-sft-master-bf16" "$bin" sft --config "$here/configs/laptop-sft.toml" --device cuda \
-  --set out_dir="\"$out/sft-bf16\"" --set data.train="\"$out/task/sft_train.jsonl\"" --set data.eval="\"$out/task/sft_eval.jsonl\"" \
+  --set out_dir="\"$out/sft-bf16\"" --set data.train="\"$out/task/sft_train.jsonl\"" --set data.eval="\"$out/task/sft_val.jsonl\"" \
   --set data.eval_problems="\"\"" --set data.tokenizer="\"$out/task/tokenizer.json\"" --set model.dtype="\"bf16\"" \
   --set train.max_steps=3 --set train.threads=1 --set train.save_every=3
 test -f "$out/sft-bf16/checkpoint-000003/master/config.json" && echo 1 > "$out/master.ok" || echo 0 > "$out/master.ok"

@@ -68,7 +68,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     let data = out.join("data");
     let p = |x: &Path| x.display().to_string();
     let synth_sets: Vec<String> = if quick {
-        vec!["splits.train=2000".into(), "splits.rl=500".into(), "splits.test=64".into()]
+        vec!["splits.train=2000".into(), "splits.rl=500".into(), "splits.test=64".into(), "splits.val=32".into()]
     } else {
         vec![]
     };
@@ -80,8 +80,9 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     let mut sets = vec![
         format!("out_dir={:?}", p(&sft_dir)),
         format!("data.train={:?}", p(&data.join("sft_train.jsonl"))),
-        format!("data.eval={:?}", p(&data.join("sft_eval.jsonl"))),
-        format!("data.eval_problems={:?}", p(&data.join("test.jsonl"))),
+        // the loops watch the validation split; the report below uses test only
+        format!("data.eval={:?}", p(&data.join("sft_val.jsonl"))),
+        format!("data.eval_problems={:?}", p(&data.join("val.jsonl"))),
         format!("data.tokenizer={:?}", p(&data.join("tokenizer.json"))),
     ];
     if quick {
@@ -97,7 +98,7 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         format!("out_dir={:?}", p(&rl_dir)),
         format!("model.checkpoint={:?}", p(&sft_dir.join("final"))),
         format!("data.train={:?}", p(&data.join("rl.jsonl"))),
-        format!("data.eval_problems={:?}", p(&data.join("test.jsonl"))),
+        format!("data.eval_problems={:?}", p(&data.join("val.jsonl"))),
     ];
     if quick {
         sets.extend(["train.steps=2", "train.eval_every=0", "train.eval_problems=8", "train.save_every=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "sampling.max_new_tokens=48"].map(String::from));
@@ -120,10 +121,17 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         200
     };
     let t = Instant::now();
-    let task = Eval { models: vec![sft_dir.join("final"), rl_dir.join("final")], adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg, limit, out: out.to_path_buf() };
+    let max_budget = eval_cfg.budgets.last().copied().unwrap_or(160);
+    let models = vec![sft_dir.join("final"), rl_dir.join("final")];
+    let task = Eval { models: models.clone(), adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg.clone(), limit, out: out.to_path_buf() };
     let reports = t1_backends::dispatch(device, task)??;
+    // greedy on the test split at the largest budget, for the report's greedy row
+    let greedy_cfg = EvalConfig { budgets: vec![max_budget], samples: 1, temperature: 0.0, ..eval_cfg };
+    let greedy_out = out.join("greedy");
+    let task = Eval { models, adapter: None, data: data.join("test.jsonl"), temperature: Some(0.0), config: greedy_cfg, limit, out: greedy_out };
+    let greedy = t1_backends::dispatch(device, task)??;
     timings.push(("eval", t.elapsed().as_secs_f32()));
-    crate::report::write(out, &sft_dir, &rl_dir, &reports, &timings, started.elapsed().as_secs_f32())?;
+    crate::report::write(out, &sft_dir, &rl_dir, &reports, &greedy, &timings, started.elapsed().as_secs_f32())?;
     eprintln!("where the time went:");
     for (stage, s) in &timings {
         eprintln!("  {stage:<18} {s:>8.1} s");

@@ -15,7 +15,9 @@ fn series(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
     rows.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
 }
 
-pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], timings: &[(&str, f32)], total_s: f32) -> Result<()> {
+/// `reports`: the budget sweep on the test split (SFT, RL); `greedy`: greedy test accuracy at
+/// the largest budget (SFT, RL). The RL loop's own evals ran on the validation split.
+pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], greedy: &[EvalReport], timings: &[(&str, f32)], total_s: f32) -> Result<()> {
     let sft = metrics(&sft_dir.join("metrics.jsonl"));
     let rl = metrics(&rl_dir.join("metrics.jsonl"));
     let plot = |name: &str, title: &str, y: &str, s: Vec<(String, Vec<(f64, f64)>)>| {
@@ -30,8 +32,8 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
     plot("rl_reward.svg", "RL reward and accuracy", "value", vec![
         ("reward".into(), series(&rl, "reward")),
         ("train accuracy".into(), series(&rl, "accuracy")),
-        ("held-out accuracy (greedy)".into(), series(&rl, "eval_accuracy")),
-        ("held-out accuracy (sampled)".into(), series(&rl, "eval_sampled_accuracy")),
+        ("validation accuracy (greedy)".into(), series(&rl, "eval_accuracy")),
+        ("validation accuracy (sampled)".into(), series(&rl, "eval_sampled_accuracy")),
     ]);
     plot("rl_dynamics.svg", "RL entropy, KL and log-prob gap", "value", vec![
         ("entropy".into(), series(&rl, "entropy")),
@@ -46,17 +48,19 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
         .iter()
         .map(|r| (r.model.clone(), Value::Object(r.results.iter().map(|b| (b.budget.to_string(), json!(b.accuracy))).collect())))
         .collect();
-    // the RL loop's own held-out evals: step 0 is the SFT model, the last one the RL model
+    // the RL loop's own evals on the validation split: step 0 is the SFT model, the last one the RL model
     let rl_evals: Vec<&Value> = rl.iter().filter(|r| r.get("eval_accuracy").is_some()).collect();
     let loop_eval = |row: Option<&&Value>, key: &str| row.and_then(|r| r.get(key)).and_then(Value::as_f64);
     let (first, last) = (rl_evals.first(), rl_evals.last());
     let summary = json!({
         "sft_accuracy": reports.first().map(at_largest),
         "rl_accuracy": reports.get(1).map(at_largest),
-        "sft_greedy_accuracy": loop_eval(first, "eval_accuracy"),
-        "rl_greedy_accuracy": loop_eval(last, "eval_accuracy"),
-        "sft_sampled_accuracy": loop_eval(first, "eval_sampled_accuracy"),
-        "rl_sampled_accuracy": loop_eval(last, "eval_sampled_accuracy"),
+        "sft_greedy_accuracy": greedy.first().map(at_largest),
+        "rl_greedy_accuracy": greedy.get(1).map(at_largest),
+        "sft_val_greedy_accuracy": loop_eval(first, "eval_accuracy"),
+        "rl_val_greedy_accuracy": loop_eval(last, "eval_accuracy"),
+        "sft_val_sampled_accuracy": loop_eval(first, "eval_sampled_accuracy"),
+        "rl_val_sampled_accuracy": loop_eval(last, "eval_sampled_accuracy"),
         "accuracy_by_budget": by_budget,
         "eval": reports,
         "timings_s": timings.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -79,8 +83,13 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
         md += &format!("\n{} problems, {} sample(s) each at temperature {}; pass@n and majority vote are in summary.json.\n", r.problems, r.samples, r.temperature);
     }
     let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "n/a".into());
+    let pct32 = |v: Option<f32>| pct(v.map(f64::from));
     md += &format!(
-        "\nThe RL loop's own held-out evaluation (its eval problems, full budget): greedy {} (SFT) → {} (RL); sampled at the rollout temperature {} (SFT) → {} (RL).\n",
+        "\nGreedy on the test split at the largest budget: {} (SFT) → {} (RL).\n",
+        pct32(greedy.first().map(at_largest)), pct32(greedy.get(1).map(at_largest)),
+    );
+    md += &format!(
+        "\nThe RL loop's own evaluation, on the validation split (monitoring only, full budget): greedy {} (SFT) → {} (RL); sampled at the rollout temperature {} (SFT) → {} (RL).\n",
         pct(loop_eval(first, "eval_accuracy")), pct(loop_eval(last, "eval_accuracy")),
         pct(loop_eval(first, "eval_sampled_accuracy")), pct(loop_eval(last, "eval_sampled_accuracy")),
     );

@@ -26,11 +26,13 @@ pub struct SplitSizes {
     pub train: usize,
     pub rl: usize,
     pub test: usize,
+    /// Validation problems (monitoring and tuning; reports use test only).
+    pub val: usize,
 }
 
 impl Default for SplitSizes {
     fn default() -> Self {
-        Self { train: 20000, rl: 4000, test: 500 }
+        Self { train: 20000, rl: 4000, test: 500, val: 200 }
     }
 }
 
@@ -69,14 +71,15 @@ pub fn tokenize(tokenizer: &Path, input: &Path, output: &Path, show: usize, kwar
     Ok(())
 }
 
-/// Writes the laptop task: sft_train.jsonl, sft_eval.jsonl, rl.jsonl, test.jsonl, tokenizer.json.
+/// Writes the laptop task: sft_train.jsonl, rl.jsonl, test.jsonl (reports only), the
+/// validation split as val.jsonl and sft_val.jsonl (monitoring and tuning), tokenizer.json.
 pub fn synth(out: &Path, config: Option<&Path>, sets: &[String]) -> Result<()> {
     let (mut cfg, _) = t1_train::load_config::<SynthConfig>(config, sets)?;
     if cfg.vocab_size == 0 {
         cfg.vocab_size = 512;
     }
     cfg.task.validate()?;
-    let needed = (cfg.splits.train + cfg.splits.rl + cfg.splits.test) as u128 * 2;
+    let needed = (cfg.splits.train + cfg.splits.rl + cfg.splits.test + cfg.splits.val) as u128 * 2;
     anyhow::ensure!(
         cfg.task.num_prompts() >= needed,
         "the task has only {} distinct problems, too few for splits of {} + {} + {}: raise task.max_operand or task.max_operands, or lower the split sizes",
@@ -90,7 +93,10 @@ pub fn synth(out: &Path, config: Option<&Path>, sets: &[String]) -> Result<()> {
     let sft = |v: &[t1_data::Sample]| v.iter().map(t1_data::sft_example).collect::<Vec<_>>();
     let problems = |v: &[t1_data::Sample]| v.iter().map(t1_data::problem).collect::<Vec<_>>();
     t1_data::write_jsonl(&out.join("sft_train.jsonl"), &sft(&s.train))?;
-    t1_data::write_jsonl(&out.join("sft_eval.jsonl"), &sft(&s.test))?;
+    let val = t1_data::validation(&cfg.task, cfg.seed, &s, cfg.splits.val);
+    // SFT's held-out loss and the loops' held-out accuracy watch the validation split
+    t1_data::write_jsonl(&out.join("sft_val.jsonl"), &sft(&val))?;
+    t1_data::write_jsonl(&out.join("val.jsonl"), &problems(&val))?;
     t1_data::write_jsonl(&out.join("rl.jsonl"), &problems(&s.rl))?;
     t1_data::write_jsonl(&out.join("test.jsonl"), &problems(&s.test))?;
     std::fs::write(out.join("synth.toml"), toml::to_string(&cfg)?)?;

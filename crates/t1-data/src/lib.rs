@@ -17,7 +17,7 @@ mod tokenizer;
 
 pub use batch::{pack, pad_batch, pad_packed, tokenize_sft, SftBatch, TokenizedExample};
 pub use jsonl::{read_problems, read_problems_with, read_sft, read_sft_with, write_jsonl, Columns, Loaded, Message, OnBadLine, Problem, SftExample};
-pub use task::{generate, problem, sft_example, splits, Sample, Splits, TaskConfig};
+pub use task::{generate, problem, sft_example, splits, validation, Sample, Splits, TaskConfig};
 pub use template::{ChatTemplate, Rendered, TemplateVars, BUILTIN_TEMPLATE};
 pub use tokenizer::{train_bpe, ChatEncoding, ChatTokenizer, CHAT_TEMPLATE_FILE, ENDOFTEXT, IM_END, IM_START, TOKENIZER_CONFIG_FILE};
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::SerializedFileReader;
 use serde_json::Value;
 
 use crate::DataError;

@@ -197,6 +197,31 @@ pub fn splits(cfg: &TaskConfig, seed: u64, n_train: usize, n_rl: usize, n_test: 
     out
 }
 
+/// `n` samples for validation (monitoring and tuning, so that the test split is only ever
+/// reported), drawn from the same distribution as [`splits`] with a stream of their own and
+/// disjoint from every split in `taken`. Adding a validation split thus changes none of the
+/// others.
+///
+/// # Panics
+/// As [`splits`], when the task cannot produce `n` more distinct prompts.
+pub fn validation(cfg: &TaskConfig, seed: u64, taken: &Splits, n: usize) -> Vec<Sample> {
+    let cfg = cfg.validated();
+    let mut seen: HashSet<String> = taken.train.iter().chain(&taken.rl).chain(&taken.test).map(|s| s.prompt.clone()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7661_6c69_6461_7465); // "validate"
+    let mut out = Vec::with_capacity(n);
+    let mut stalled = 0usize;
+    while out.len() < n {
+        let s = sample(cfg, &mut rng);
+        stalled += 1;
+        assert!(stalled < 1_000_000, "found no new prompt for the validation split in 1,000,000 draws; raise max_operand or max_operands");
+        if seen.insert(s.prompt.clone()) {
+            out.push(s);
+            stalled = 0;
+        }
+    }
+    out
+}
+
 /// The sample as an SFT conversation: user = prompt, assistant = solution.
 pub fn sft_example(s: &Sample) -> SftExample {
     SftExample {
@@ -566,6 +591,15 @@ mod tests {
         for s in sp.train.iter().chain(&sp.rl).chain(&sp.test) {
             assert!(all.insert(s.prompt.clone()), "repeated prompt {}", s.prompt);
         }
+        // the validation split is disjoint from all three, deterministic, and leaves them as
+        // they were
+        let val = validation(&cfg, 9, &sp, 300);
+        assert_eq!(val.len(), 300);
+        for s in &val {
+            assert!(all.insert(s.prompt.clone()), "validation repeats {}", s.prompt);
+        }
+        assert_eq!(validation(&cfg, 9, &sp, 300), val);
+        assert_eq!(splits(&cfg, 9, 3000, 1000, 500).test, sp.test);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use t1_algo::{advantages, aggregate, center_leave_one_out, kl, policy_loss, token_entropy, token_logprobs, AggMode, Anchor, Baseline, KlEstimator, Normalizer};
+use t1_algo::{advantages, aggregate, kl, policy_loss, token_entropy, token_logprobs, AggMode, Anchor, Baseline, KlEstimator, Normalizer};
 use t1_data::{ChatTokenizer, OnBadLine, Problem};
 use t1_model::{Inputs, LoraConfig, Qwen2, WeightDtype};
 use t1_reward::{GraderConfig, PenaltyConfig};
@@ -947,6 +947,7 @@ fn host<B: FusedOps, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
+    use t1_algo::center_leave_one_out;
     use t1_model::compare::{max_abs_diff, same_bits};
     use t1_model::Qwen2Config;
 
