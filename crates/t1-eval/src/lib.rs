@@ -294,15 +294,52 @@ pub fn line_chart_svg(path: &Path, title: &str, x_label: &str, y_label: &str, se
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| e.to_string())?;
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(|e| e.to_string())?;
+    // the legend goes into the corner with the fewest points, so it does not cover the data
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().map(|&(x, y)| (if log_x { x.max(1e-9).log2() } else { x }, y))).collect();
+    let position = match emptiest_corner(&all, (x0, x1), (y0 - pad, y1 + pad)) {
+        Corner::UpperLeft => SeriesLabelPosition::UpperLeft,
+        Corner::UpperRight => SeriesLabelPosition::UpperRight,
+        Corner::LowerRight => SeriesLabelPosition::LowerRight,
+        Corner::LowerLeft => SeriesLabelPosition::LowerLeft,
+    };
+    chart.configure_series_labels().position(position).border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
 
-/// Accuracy vs budget, one curve per report.
+/// A corner of a chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corner {
+    UpperLeft,
+    UpperRight,
+    LowerRight,
+    LowerLeft,
+}
+
+/// The corner whose region (the outer 40% of each axis) holds the fewest `points`, first in
+/// the order upper left, upper right, lower right, lower left on ties.
+pub fn emptiest_corner(points: &[(f64, f64)], x: (f64, f64), y: (f64, f64)) -> Corner {
+    let unit = |v: f64, (lo, hi): (f64, f64)| if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+    let count = |left: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|&&(px, py)| {
+                let (u, v) = (unit(px, x), unit(py, y));
+                (if left { u <= 0.4 } else { u >= 0.6 }) && (if upper { v >= 0.6 } else { v <= 0.4 })
+            })
+            .count()
+    };
+    [(Corner::UpperLeft, true, true), (Corner::UpperRight, false, true), (Corner::LowerRight, false, false), (Corner::LowerLeft, true, false)]
+        .into_iter()
+        .min_by_key(|&(_, left, upper)| count(left, upper))
+        .map_or(Corner::UpperLeft, |(c, _, _)| c)
+}
+
+/// Accuracy vs budget, one curve per report, on a linear budget axis (its ticks are round
+/// numbers; on a log axis plotters put them at powers like 2^4.3 = 20.2).
 pub fn plot_budget_curves(path: &Path, reports: &[EvalReport]) -> Result<(), String> {
     let series: Vec<(String, Vec<(f64, f64)>)> =
         reports.iter().map(|r| (r.model.clone(), r.results.iter().map(|b| (b.budget as f64, b.accuracy as f64)).collect())).collect();
-    line_chart_svg(path, "accuracy vs thinking budget", "thinking budget (tokens)", "accuracy", &series, true)
+    line_chart_svg(path, "accuracy vs thinking budget", "thinking budget (tokens)", "accuracy", &series, false)
 }
 
 #[cfg(test)]
@@ -548,5 +585,18 @@ mod tests {
         plot_budget_curves(&path, &[rep]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("<svg") && svg.contains("accuracy vs thinking budget"));
+    }
+
+    #[test]
+    fn the_legend_goes_where_the_data_is_not() {
+        // accuracy rising with the budget: the upper left and lower right are empty
+        let rising: Vec<(f64, f64)> = (0..8).map(|i| (16.0 * (i + 1) as f64, 0.1 * i as f64)).collect();
+        assert_eq!(emptiest_corner(&rising, (16.0, 128.0), (0.0, 0.7)), Corner::UpperLeft);
+        // a falling loss curve: the upper right is empty
+        let falling: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 10.0 / (1.0 + i as f64))).collect();
+        assert_eq!(emptiest_corner(&falling, (0.0, 9.0), (0.0, 10.0)), Corner::UpperRight);
+        // data in three corners: the fourth
+        let three = [(0.0, 1.0), (1.0, 1.0), (1.0, 0.0), (0.5, 0.5)];
+        assert_eq!(emptiest_corner(&three, (0.0, 1.0), (0.0, 1.0)), Corner::LowerLeft);
     }
 }
