@@ -35,11 +35,11 @@ impl BackendTask for Eval {
                 .with_context(|| format!("{} needs a tokenizer.json next to its weights", dir.display()))?;
             tokenizer.check_model_vocab(config.vocab_size)?;
             let name = model_name(dir);
+            // unset flags: the checkpoint's generation_config.json, as t1 generate resolves them
+            let args = crate::model_cmds::SamplingArgs { temperature: self.temperature, top_p: None, top_k: None, max_new_tokens: 1 };
+            let s = args.resolve(&config)?;
             // the stop set RL uses: the model's EOS ids and the tokenizer's
-            // unset flags: the checkpoint's generation_config.json, as transformers' generate()
-            let (t, top_p, top_k) = config.generation.as_ref().map_or((0.0, 1.0, 0), |g| g.sampling_defaults());
-            let temperature = self.temperature.unwrap_or(t);
-            let eval_cfg = t1_eval::EvalConfig { stop: t1_train::generate::stop_ids(&config, &tokenizer), temperature, top_p, top_k, ..self.config.clone() };
+            let eval_cfg = t1_eval::EvalConfig { stop: t1_train::generate::stop_ids(&config, &tokenizer), temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, ..self.config.clone() };
             let report = t1_eval::evaluate(&model, &tokenizer, &problems, &eval_cfg, &name)?;
             for b in &report.results {
                 eprintln!("{name}: budget {:>5} accuracy {:.3} pass@{} {:.3} maj@{} {:.3} tokens {:.1}", b.budget, b.accuracy, report.samples, b.pass_at_n, report.samples, b.majority_accuracy, b.mean_tokens);
