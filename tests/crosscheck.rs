@@ -124,6 +124,28 @@ fn compare_catches_a_sign_flip_and_a_missing_term() {
     }
 }
 
+/// A gradient that is zero in exact arithmetic (one visible key per scored query: the row of
+/// CI's failing case has two real tokens, so q_proj and k_proj get none) is compared on the
+/// scale of its layer's other gradients: another backend's rounding of the cancellation
+/// (4.2e-10 on wgpu) passes, a real gradient there fails.
+#[test]
+fn a_gradient_zero_in_exact_arithmetic_is_compared_on_its_layers_scale() {
+    let case = make_case((1, 4, 1, 1, false, 100.0, 1, 8, 11906167909957899422));
+    let a = compute::<Flex>(&case, &Default::default());
+    let name = "grad/layers.0.self_attn.q_proj.weight";
+    let q = a.iter().find(|q| q.name == name).expect("the q_proj gradient is compared");
+    assert!(q.values.iter().all(|v| *v == 0.0), "the case must give q_proj no gradient on flex");
+    let layer = t1_train::crosscheck::grad_scale(&a, "layers.0.self_attn.q_proj.weight");
+    assert!(layer > 0.0, "the layer's other gradients set the scale");
+    let with_q = |v: f32| -> Vec<Quantity> {
+        a.iter().map(|x| Quantity { name: x.name.clone(), values: if x.name == name { vec![v; x.values.len()] } else { x.values.clone() } }).collect()
+    };
+    let row = |b: &[Quantity]| compare(&case, &a, b).into_iter().find(|r| r.quantity == name).expect("a row for q_proj");
+    assert!(row(&with_q(4.243e-10)).pass, "rounding of the cancellation must pass: {:?}", row(&with_q(4.243e-10)));
+    assert!(!row(&with_q(1e-3 * layer)).pass, "a gradient of 1e-3 of the layer's scale must fail");
+    assert!(!row(&with_q(f32::NAN)).pass, "NaN must fail");
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn flex_and_wgpu_agree() {

@@ -50,7 +50,18 @@ impl BackendTask for Eval {
         std::fs::write(self.out.join("eval.json"), serde_json::to_string_pretty(&reports)?)?;
         t1_eval::write_csv(&self.out.join("eval.csv"), &reports)?;
         t1_eval::plot_budget_curves(&self.out.join("accuracy_vs_budget.svg"), &reports).map_err(anyhow::Error::msg)?;
-        eprintln!("wrote eval.json, eval.csv and accuracy_vs_budget.svg to {}", self.out.display());
+        // every graded response at the largest budget, one JSON line each with its model
+        let mut lines = String::new();
+        for r in &reports {
+            for x in &r.responses {
+                let mut v = serde_json::to_value(x)?;
+                v["model"] = serde_json::Value::String(r.model.clone());
+                lines.push_str(&serde_json::to_string(&v)?);
+                lines.push('\n');
+            }
+        }
+        std::fs::write(self.out.join("samples.jsonl"), lines)?;
+        eprintln!("wrote eval.json, eval.csv, samples.jsonl and accuracy_vs_budget.svg to {}", self.out.display());
         Ok(reports)
     }
 }
@@ -61,10 +72,12 @@ fn model_name(dir: &Path) -> String {
     parts.into_iter().rev().collect::<Vec<_>>().join("/")
 }
 
-/// `t1 demo`: synth data → SFT → RL → eval of both → report, timing each stage.
-pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
+/// `t1 demo`: synth data → SFT → RL (one run per seed, each from the same SFT model) → eval
+/// of SFT, of each RL model and of seed 0's halfway checkpoint → report, timing each stage.
+pub fn demo(out: &Path, quick: bool, seeds: usize, device: &DeviceSpec) -> Result<()> {
+    anyhow::ensure!(seeds >= 1, "--seeds {seeds}: the demo needs at least one RL seed");
     let started = Instant::now();
-    let mut timings: Vec<(&str, f32)> = vec![];
+    let mut timings: Vec<(String, f32)> = vec![];
     let data = out.join("data");
     let p = |x: &Path| x.display().to_string();
     let synth_sets: Vec<String> = if quick {
@@ -73,8 +86,8 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         vec![]
     };
     let t = Instant::now();
-    crate::train_cmds::synth(&data, None, &synth_sets)?;
-    timings.push(("data + tokenizer", t.elapsed().as_secs_f32()));
+    crate::train_cmds::synth_text(&data, include_str!("../../../configs/laptop-data.toml"), "the embedded laptop data preset", &synth_sets)?;
+    timings.push(("data + tokenizer".into(), t.elapsed().as_secs_f32()));
 
     let sft_dir = out.join("sft");
     let mut sets = vec![
@@ -91,22 +104,34 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     let (sft_cfg, resolved) = t1_train::load_config_text::<t1_train::sft::SftConfig>(include_str!("../../../configs/laptop-sft.toml"), "the embedded laptop SFT preset", &sets)?;
     let t = Instant::now();
     crate::dispatch(device, crate::train_cmds::Sft { config: sft_cfg, resolved, resume: false })?;
-    timings.push(("sft", t.elapsed().as_secs_f32()));
+    timings.push(("sft".into(), t.elapsed().as_secs_f32()));
 
-    let rl_dir = out.join("rl");
-    let mut sets = vec![
-        format!("out_dir={:?}", p(&rl_dir)),
-        format!("model.checkpoint={:?}", p(&sft_dir.join("final"))),
-        format!("data.train={:?}", p(&data.join("rl.jsonl"))),
-        format!("data.eval_problems={:?}", p(&data.join("val.jsonl"))),
-    ];
-    if quick {
-        sets.extend(["train.steps=2", "train.eval_every=0", "train.eval_problems=8", "train.save_every=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "sampling.max_new_tokens=48"].map(String::from));
+    // one RL run per seed from the same SFT model; seed 0 also keeps its halfway checkpoint
+    let (mut rl_dirs, mut halfway) = (vec![], None);
+    for seed in 0..seeds {
+        let rl_dir = out.join("rl").join(format!("seed-{seed}"));
+        let mut sets = vec![
+            format!("out_dir={:?}", p(&rl_dir)),
+            format!("model.checkpoint={:?}", p(&sft_dir.join("final"))),
+            format!("data.train={:?}", p(&data.join("rl.jsonl"))),
+            format!("data.eval_problems={:?}", p(&data.join("val.jsonl"))),
+            format!("train.seed={seed}"),
+        ];
+        if quick {
+            sets.extend(["train.steps=2", "train.eval_every=0", "train.eval_problems=8", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4", "sampling.max_new_tokens=48"].map(String::from));
+        }
+        let (mut rl_cfg, resolved) = t1_train::load_config_text::<t1_train::rl::RlConfig>(include_str!("../../../configs/laptop-rl.toml"), "the embedded laptop RL preset", &sets)?;
+        let half = (rl_cfg.train.steps / 2).max(1);
+        rl_cfg.train.save_every = half;
+        rl_cfg.train.keep_checkpoints = rl_cfg.train.keep_checkpoints.max(2);
+        let t = Instant::now();
+        crate::dispatch(device, crate::train_cmds::Rl { config: rl_cfg, resolved, resume: false })?;
+        timings.push((format!("rl seed {seed}"), t.elapsed().as_secs_f32()));
+        if seed == 0 {
+            halfway = Some((half, rl_dir.join(format!("checkpoint-{half:06}"))));
+        }
+        rl_dirs.push(rl_dir);
     }
-    let (rl_cfg, resolved) = t1_train::load_config_text::<t1_train::rl::RlConfig>(include_str!("../../../configs/laptop-rl.toml"), "the embedded laptop RL preset", &sets)?;
-    let t = Instant::now();
-    crate::dispatch(device, crate::train_cmds::Rl { config: rl_cfg, resolved, resume: false })?;
-    timings.push(("rl", t.elapsed().as_secs_f32()));
 
     let mut eval_cfg = EvalConfig::default();
     let limit = if quick {
@@ -114,7 +139,8 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
         eval_cfg.samples = 1;
         8
     } else {
-        eval_cfg.budgets = vec![16, 32, 48, 64, 96, 128, 160];
+        // up to 3x the SFT model's mean response length (the paper's Figure 1 goes past it)
+        eval_cfg.budgets = vec![32, 64, 96, 128, 160, 192, 256, 320, 384];
         eval_cfg.samples = 4;
         eval_cfg.temperature = 1.0; // the RL rollout temperature: what RL optimises
         eval_cfg.threads = 2;
@@ -122,16 +148,22 @@ pub fn demo(out: &Path, quick: bool, device: &DeviceSpec) -> Result<()> {
     };
     let t = Instant::now();
     let max_budget = eval_cfg.budgets.last().copied().unwrap_or(160);
-    let models = vec![sft_dir.join("final"), rl_dir.join("final")];
-    let task = Eval { models: models.clone(), adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg.clone(), limit, out: out.to_path_buf() };
+    // SFT, then each seed's final RL model, then seed 0's halfway checkpoint (budget curves only)
+    let finals: Vec<PathBuf> = std::iter::once(sft_dir.join("final")).chain(rl_dirs.iter().map(|d| d.join("final"))).collect();
+    let mut models = finals.clone();
+    if let Some((_, dir)) = halfway.as_ref().filter(|(_, d)| d.join("config.json").exists()) {
+        models.push(dir.clone());
+    }
+    let task = Eval { models, adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg.clone(), limit, out: out.to_path_buf() };
     let reports = t1_backends::dispatch(device, task)??;
     // greedy on the test split at the largest budget, for the report's greedy row
     let greedy_cfg = EvalConfig { budgets: vec![max_budget], samples: 1, temperature: 0.0, ..eval_cfg };
     let greedy_out = out.join("greedy");
-    let task = Eval { models, adapter: None, data: data.join("test.jsonl"), temperature: Some(0.0), config: greedy_cfg, limit, out: greedy_out };
+    let task = Eval { models: finals, adapter: None, data: data.join("test.jsonl"), temperature: Some(0.0), config: greedy_cfg, limit, out: greedy_out };
     let greedy = t1_backends::dispatch(device, task)??;
-    timings.push(("eval", t.elapsed().as_secs_f32()));
-    crate::report::write(out, &sft_dir, &rl_dir, &reports, &greedy, &timings, started.elapsed().as_secs_f32())?;
+    timings.push(("eval".into(), t.elapsed().as_secs_f32()));
+    let runs = crate::report::Runs { sft_dir: &sft_dir, rl_dirs: &rl_dirs, halfway_step: halfway.map(|(s, _)| s) };
+    crate::report::write(out, &runs, &reports, &greedy, &timings, started.elapsed().as_secs_f32())?;
     eprintln!("where the time went:");
     for (stage, s) in &timings {
         eprintln!("  {stage:<18} {s:>8.1} s");

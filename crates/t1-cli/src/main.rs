@@ -236,6 +236,10 @@ enum Command {
         /// A few-minute run that exercises every stage (for CI)
         #[arg(long)]
         quick: bool,
+        /// RL runs from the same SFT model, one per seed: the report gives their mean and
+        /// standard error
+        #[arg(long, default_value_t = 3)]
+        seeds: usize,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
     },
@@ -418,7 +422,7 @@ fn run(cli: Cli) -> Result<()> {
             dispatch(&device, bench::BenchGenerate { model, batch, prompt, new, threads, dtype, lora_r, merge, burn })
         }
         Command::Merge { model, adapter, out, dtype } => model_cmds::merge(&model, &adapter, &out, dtype.as_deref()),
-        Command::Demo { out, quick, device } => eval_cmds::demo(&out, quick, &device),
+        Command::Demo { out, quick, seeds, device } => eval_cmds::demo(&out, quick, seeds, &device),
         Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),
         Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),
     }

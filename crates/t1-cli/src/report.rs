@@ -1,6 +1,6 @@
 //! The demo's report: summary.json, report.md and the training-curve plots.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -15,11 +15,35 @@ fn series(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
     rows.iter().filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?))).collect()
 }
 
-/// `reports`: the budget sweep on the test split (SFT, RL); `greedy`: greedy test accuracy at
-/// the largest budget (SFT, RL). The RL loop's own evals ran on the validation split.
-pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], greedy: &[EvalReport], timings: &[(&str, f32)], total_s: f32) -> Result<()> {
-    let sft = metrics(&sft_dir.join("metrics.jsonl"));
-    let rl = metrics(&rl_dir.join("metrics.jsonl"));
+/// The demo's runs: the SFT model, one RL run per seed, and the step of seed 0's halfway
+/// checkpoint (evaluated for the budget curves).
+pub struct Runs<'a> {
+    pub sft_dir: &'a Path,
+    pub rl_dirs: &'a [PathBuf],
+    pub halfway_step: Option<usize>,
+}
+
+/// Mean and standard error of the mean (sample standard deviation over √n; 0 for one value).
+pub fn mean_se(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// `reports`: the budget sweep on the test split (SFT, each seed's RL model, then seed 0's
+/// halfway checkpoint when there is one); `greedy`: greedy test accuracy at the largest budget
+/// (SFT, each seed's RL model). The RL loops' own evals ran on the validation split.
+pub fn write(out: &Path, runs: &Runs, reports: &[EvalReport], greedy: &[EvalReport], timings: &[(String, f32)], total_s: f32) -> Result<()> {
+    let seeds = runs.rl_dirs.len();
+    let sft = metrics(&runs.sft_dir.join("metrics.jsonl"));
+    let rl: Vec<Vec<Value>> = runs.rl_dirs.iter().map(|d| metrics(&d.join("metrics.jsonl"))).collect();
     let plot = |name: &str, title: &str, y: &str, s: Vec<(String, Vec<(f64, f64)>)>| {
         let s: Vec<_> = s.into_iter().filter(|(_, p)| !p.is_empty()).collect();
         if !s.is_empty() {
@@ -28,48 +52,72 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
             }
         }
     };
+    // one curve per seed (named by its seed when there are several)
+    let per_seed = |what: &str, key: &str| -> Vec<(String, Vec<(f64, f64)>)> {
+        rl.iter().enumerate().map(|(i, m)| (if seeds > 1 { format!("{what}, seed {i}") } else { what.to_string() }, series(m, key))).collect()
+    };
     plot("sft_loss.svg", "SFT loss", "loss", vec![("train".into(), series(&sft, "loss")), ("held-out".into(), series(&sft, "eval_loss"))]);
-    plot("rl_reward.svg", "RL reward and accuracy", "value", vec![
-        ("reward".into(), series(&rl, "reward")),
-        ("train accuracy".into(), series(&rl, "accuracy")),
-        ("validation accuracy (greedy)".into(), series(&rl, "eval_accuracy")),
-        ("validation accuracy (sampled)".into(), series(&rl, "eval_sampled_accuracy")),
-    ]);
-    plot("rl_dynamics.svg", "RL entropy, KL and log-prob gap", "value", vec![
-        ("entropy".into(), series(&rl, "entropy")),
-        ("kl (per sequence)".into(), series(&rl, "kl")),
-        ("logprob gap max".into(), series(&rl, "logprob_gap_max")),
-        ("clip fraction".into(), series(&rl, "clip_fraction")),
-    ]);
-    plot("rl_length.svg", "RL response length", "tokens", vec![("response length".into(), series(&rl, "response_length"))]);
+    let mut reward = per_seed("reward", "reward");
+    reward.extend(per_seed("validation greedy", "eval_accuracy"));
+    reward.extend(per_seed("validation sampled", "eval_sampled_accuracy"));
+    plot("rl_reward.svg", "RL reward and validation accuracy", "value", reward);
+    let mut dynamics = per_seed("entropy", "entropy");
+    dynamics.extend(per_seed("kl (per sequence)", "kl"));
+    plot("rl_dynamics.svg", "RL entropy and KL", "value", dynamics);
+    plot("rl_length.svg", "RL response length", "tokens", per_seed("response length", "response_length"));
 
-    let at_largest = |r: &EvalReport| r.results.last().map(|b| b.accuracy).unwrap_or(0.0);
+    let at_largest = |r: &EvalReport| r.results.last().map(|b| b.accuracy as f64).unwrap_or(0.0);
     let by_budget: serde_json::Map<String, Value> = reports
         .iter()
         .map(|r| (r.model.clone(), Value::Object(r.results.iter().map(|b| (b.budget.to_string(), json!(b.accuracy))).collect())))
         .collect();
-    // the RL loop's own evals on the validation split: step 0 is the SFT model, the last one the RL model
-    let rl_evals: Vec<&Value> = rl.iter().filter(|r| r.get("eval_accuracy").is_some()).collect();
-    let loop_eval = |row: Option<&&Value>, key: &str| row.and_then(|r| r.get(key)).and_then(Value::as_f64);
-    let (first, last) = (rl_evals.first(), rl_evals.last());
+    let rl_sampled: Vec<f64> = reports.iter().skip(1).take(seeds).map(at_largest).collect();
+    let rl_greedy: Vec<f64> = greedy.iter().skip(1).take(seeds).map(at_largest).collect();
+    let ((rs, rs_se), (rg, rg_se)) = (mean_se(&rl_sampled), mean_se(&rl_greedy));
+    // the RL loops' own evals on the validation split: the first row is the SFT model, the last the RL model
+    let loop_evals = |key: &str, last: bool| -> Vec<f64> {
+        rl.iter()
+            .filter_map(|m| {
+                let mut rows = m.iter().filter_map(|r| r.get(key).and_then(Value::as_f64));
+                if last { rows.last() } else { rows.next() }
+            })
+            .collect()
+    };
+    let mean = |xs: Vec<f64>| if xs.is_empty() { None } else { Some(mean_se(&xs).0) };
     let summary = json!({
         "sft_accuracy": reports.first().map(at_largest),
-        "rl_accuracy": reports.get(1).map(at_largest),
+        "rl_accuracy": rl_sampled.first().map(|_| rs),
         "sft_greedy_accuracy": greedy.first().map(at_largest),
-        "rl_greedy_accuracy": greedy.get(1).map(at_largest),
-        "sft_val_greedy_accuracy": loop_eval(first, "eval_accuracy"),
-        "rl_val_greedy_accuracy": loop_eval(last, "eval_accuracy"),
-        "sft_val_sampled_accuracy": loop_eval(first, "eval_sampled_accuracy"),
-        "rl_val_sampled_accuracy": loop_eval(last, "eval_sampled_accuracy"),
+        "rl_greedy_accuracy": rl_greedy.first().map(|_| rg),
+        "seeds": seeds,
+        "rl_accuracy_se": rs_se,
+        "rl_greedy_accuracy_se": rg_se,
+        "rl_accuracy_per_seed": rl_sampled,
+        "rl_greedy_accuracy_per_seed": rl_greedy,
+        "sft_val_greedy_accuracy": loop_evals("eval_accuracy", false).first(),
+        "rl_val_greedy_accuracy": mean(loop_evals("eval_accuracy", true)),
+        "sft_val_sampled_accuracy": loop_evals("eval_sampled_accuracy", false).first(),
+        "rl_val_sampled_accuracy": mean(loop_evals("eval_sampled_accuracy", true)),
+        "rl_val_greedy_accuracy_per_seed": loop_evals("eval_accuracy", true),
+        "rl_val_sampled_accuracy_per_seed": loop_evals("eval_sampled_accuracy", true),
+        "halfway_step": runs.halfway_step,
         "accuracy_by_budget": by_budget,
         "eval": reports,
-        "timings_s": timings.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "timings_s": timings.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "total_s": total_s,
     });
     std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
 
-    let mut md = String::from("# t1 demo report\n\nThe T1 recipe on the laptop task: SFT on trial-and-error chain-of-thought, then RL, then accuracy vs thinking budget on the held-out split.\n\n");
-    md += "## Held-out accuracy by thinking budget\n\n| model | ";
+    let pct = |v: f64| if v.is_finite() { format!("{:.1}%", 100.0 * v) } else { "n/a".into() };
+    let pm = |(m, se): (f64, f64)| if seeds > 1 { format!("{} ± {:.1}", pct(m), 100.0 * se) } else { pct(m) };
+    let list = |xs: &[f64]| xs.iter().map(|x| pct(*x)).collect::<Vec<_>>().join(", ");
+    let mut md = String::from("# t1 demo report\n\nThe T1 recipe on the laptop task: SFT on trial-and-error chain-of-thought, then RL, then accuracy vs thinking budget on the test split.\n\n");
+    md += &format!("## Test accuracy at the largest budget\n\nRL: the mean of {seeds} seed(s) ± its standard error; each seed's value in brackets.\n\n| | SFT | RL |\n|---|---|---|\n");
+    md += &format!("| greedy | {} | {} ({}) |\n", pct(greedy.first().map(at_largest).unwrap_or(f64::NAN)), pm((rg, rg_se)), list(&rl_greedy));
+    if let Some(r) = reports.first() {
+        md += &format!("| sampled, T={} ({} samples each) | {} | {} ({}) |\n", r.temperature, r.samples, pct(at_largest(r)), pm((rs, rs_se)), list(&rl_sampled));
+    }
+    md += "\n## Test accuracy by thinking budget (sampled)\n\n| model | ";
     if let Some(r) = reports.first() {
         md += &r.results.iter().map(|b| format!("B={}", b.budget)).collect::<Vec<_>>().join(" | ");
         md += " |\n|---|";
@@ -80,18 +128,12 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
         md += &format!("| {} | {} |\n", r.model, r.results.iter().map(|b| format!("{:.3}", b.accuracy)).collect::<Vec<_>>().join(" | "));
     }
     if let Some(r) = reports.first() {
-        md += &format!("\n{} problems, {} sample(s) each at temperature {}; pass@n and majority vote are in summary.json.\n", r.problems, r.samples, r.temperature);
+        md += &format!("\n{} problems; pass@n, majority vote and mean tokens per budget are in summary.json.\n", r.problems);
     }
-    let pct = |v: Option<f64>| v.map(|x| format!("{:.1}%", 100.0 * x)).unwrap_or_else(|| "n/a".into());
-    let pct32 = |v: Option<f32>| pct(v.map(f64::from));
     md += &format!(
-        "\nGreedy on the test split at the largest budget: {} (SFT) → {} (RL).\n",
-        pct32(greedy.first().map(at_largest)), pct32(greedy.get(1).map(at_largest)),
-    );
-    md += &format!(
-        "\nThe RL loop's own evaluation, on the validation split (monitoring only, full budget): greedy {} (SFT) → {} (RL); sampled at the rollout temperature {} (SFT) → {} (RL).\n",
-        pct(loop_eval(first, "eval_accuracy")), pct(loop_eval(last, "eval_accuracy")),
-        pct(loop_eval(first, "eval_sampled_accuracy")), pct(loop_eval(last, "eval_sampled_accuracy")),
+        "\nThe RL loops' own evaluation, on the validation split (monitoring only): greedy {} (SFT) → {} (RL, mean of the seeds); sampled at the rollout temperature {} (SFT) → {}.\n",
+        pct(loop_evals("eval_accuracy", false).first().copied().unwrap_or(f64::NAN)), pct(mean(loop_evals("eval_accuracy", true)).unwrap_or(f64::NAN)),
+        pct(loop_evals("eval_sampled_accuracy", false).first().copied().unwrap_or(f64::NAN)), pct(mean(loop_evals("eval_sampled_accuracy", true)).unwrap_or(f64::NAN)),
     );
     md += "\n![accuracy vs budget](accuracy_vs_budget.svg)\n\n## Training curves\n\n![SFT loss](sft_loss.svg)\n\n![RL reward](rl_reward.svg)\n\n![RL dynamics](rl_dynamics.svg)\n\n![RL length](rl_length.svg)\n\n## Where the time went\n\n| stage | seconds |\n|---|---|\n";
     for (k, v) in timings {
@@ -100,4 +142,18 @@ pub fn write(out: &Path, sft_dir: &Path, rl_dir: &Path, reports: &[EvalReport], 
     md += &format!("| total | {total_s:.1} |\n");
     std::fs::write(out.join("report.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mean_se;
+
+    #[test]
+    fn mean_and_standard_error_by_hand() {
+        // 0.6, 0.7, 0.8: mean 0.7, sample sd 0.1, se 0.1 / sqrt(3)
+        let (m, se) = mean_se(&[0.6, 0.7, 0.8]);
+        assert!((m - 0.7).abs() < 1e-12 && (se - 0.1 / 3f64.sqrt()).abs() < 1e-12, "{m} {se}");
+        assert_eq!(mean_se(&[0.5]), (0.5, 0.0));
+        assert!(mean_se(&[]).0.is_nan());
+    }
 }

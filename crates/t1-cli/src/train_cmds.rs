@@ -74,7 +74,17 @@ pub fn tokenize(tokenizer: &Path, input: &Path, output: &Path, show: usize, kwar
 /// Writes the laptop task: sft_train.jsonl, rl.jsonl, test.jsonl (reports only), the
 /// validation split as val.jsonl and sft_val.jsonl (monitoring and tuning), tokenizer.json.
 pub fn synth(out: &Path, config: Option<&Path>, sets: &[String]) -> Result<()> {
-    let (mut cfg, _) = t1_train::load_config::<SynthConfig>(config, sets)?;
+    let (cfg, _) = t1_train::load_config::<SynthConfig>(config, sets)?;
+    write_synth(out, cfg)
+}
+
+/// [`synth`] from a config's text (`what` names it in errors), as the demo embeds its preset.
+pub fn synth_text(out: &Path, text: &str, what: &str, sets: &[String]) -> Result<()> {
+    let (cfg, _) = t1_train::load_config_text::<SynthConfig>(text, what, sets)?;
+    write_synth(out, cfg)
+}
+
+fn write_synth(out: &Path, mut cfg: SynthConfig) -> Result<()> {
     if cfg.vocab_size == 0 {
         cfg.vocab_size = 512;
     }

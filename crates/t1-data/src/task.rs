@@ -16,7 +16,20 @@
 //! subtraction with its sign dropped: `Check: 3 * 4 is 12, not 13.`), or a *structural*
 //! mistake: evaluating left to right when `*` must go first, or leaving out the last term
 //! (`Check: the final - 5 was left out.`). Every mistake changes the attempt's result.
-//! The retry is always correct: products left to right, then the sums left to right.
+//! The retry is correct (products left to right, then the sums left to right), unless
+//! `p_retry_wrong` gives retries slips of their own: then each wrong retry gets its `Check`
+//! and another `Retry` follows, up to `max_attempts`, the last of which is right:
+//!
+//! ```text
+//! Attempt: 3 + 8 = 11, 11 - 4 = 6.
+//! Check: 11 - 4 is 7, not 6.
+//! Retry: 3 + 8 = 12, 12 - 4 = 8.
+//! Check: 3 + 8 is 11, not 12.
+//! Retry: 3 + 8 = 11, 11 - 4 = 7.
+//! Verify: 7 + 4 = 11, 11 - 8 = 3. Correct.
+//! \boxed{7}
+//! ```
+//!
 //! `Verify` undoes the last chain of operations from the answer back to its first number.
 
 use std::collections::HashSet;
@@ -33,6 +46,8 @@ const KNOWN_OPS: &str = "+-*";
 const MAX_OPERANDS: usize = 6;
 /// Largest allowed `max_operand`.
 const MAX_OPERAND: u32 = 999;
+/// Largest allowed `max_attempts`.
+const MAX_ATTEMPTS: usize = 8;
 
 /// Knobs of the generator. Harder: more operands, larger operands, `*` in `ops`.
 ///
@@ -57,6 +72,14 @@ pub struct TaskConfig {
     /// get a structural mistake (left to right, or a dropped last term) where the
     /// expression allows one that changes the result, else a slip.
     pub p_slip: f32,
+    /// Most attempts in one solution (2..=8), counting the first. The last one allowed is
+    /// always right.
+    pub max_attempts: usize,
+    /// Probability that a retry holds a slip of its own, which its check names before the
+    /// next retry (while attempts remain). 0 gives the fixed shape: one mistake at most, then
+    /// a retry that is right; above 0 a solution makes 1 to `max_attempts` attempts, so a
+    /// model that checks each one can turn more tokens into accuracy.
+    pub p_retry_wrong: f32,
 }
 
 impl Default for TaskConfig {
@@ -68,6 +91,8 @@ impl Default for TaskConfig {
             ops: "+-".into(),
             p_correct_first: 0.3,
             p_slip: 0.35,
+            max_attempts: 2,
+            p_retry_wrong: 0.0,
         }
     }
 }
@@ -97,6 +122,12 @@ impl TaskConfig {
             return bad(format!(
                 "p_correct_first = {a} and p_slip = {b} must be probabilities with a sum <= 1"
             ));
+        }
+        if !(2..=MAX_ATTEMPTS).contains(&self.max_attempts) {
+            return bad(format!("max_attempts = {} must be in 2..={MAX_ATTEMPTS}", self.max_attempts));
+        }
+        if !(0.0..=1.0).contains(&self.p_retry_wrong) {
+            return bad(format!("p_retry_wrong = {} must be a probability", self.p_retry_wrong));
         }
         Ok(())
     }
@@ -367,6 +398,15 @@ fn sample(cfg: &TaskConfig, rng: &mut ChaCha8Rng) -> Sample {
 
     let mut lines = vec![format!("Attempt: {attempt}."), format!("Check: {check}")];
     if wrong {
+        // retries that slip too, each named by its check, while attempts remain (no draw at
+        // p_retry_wrong = 0, so the fixed-shape stream is unchanged)
+        let mut made = 1;
+        while made + 1 < cfg.max_attempts && cfg.p_retry_wrong > 0.0 && rng.random::<f32>() < cfg.p_retry_wrong {
+            let (retry, check) = slip_attempt(&steps, &e, rng);
+            lines.push(format!("Retry: {retry}."));
+            lines.push(format!("Check: {check}"));
+            made += 1;
+        }
         lines.push(format!("Retry: {}.", join(&steps)));
     }
     lines.push(format!("Verify: {}. Correct.", verify(&steps, first_additive)));
@@ -642,6 +682,45 @@ mod tests {
         assert!(generate(&plus_only, 1, 100).iter().all(|s| s.solution.contains(", not ")));
     }
 
+    /// With `p_retry_wrong`, a solution makes 1 to `max_attempts` attempts: every wrong one
+    /// is followed by a check that names its slip, only the last is right, and the count
+    /// follows the probabilities (p_retry_wrong = 0.5: half the retried solutions retry once).
+    #[test]
+    fn retries_slip_and_are_checked_up_to_max_attempts() {
+        let cfg = TaskConfig { ops: "+-*".into(), max_attempts: 4, p_retry_wrong: 0.5, ..Default::default() };
+        let mut counts = [0usize; 5];
+        for s in generate(&cfg, 7, 4000) {
+            let lines: Vec<&str> = s.solution.lines().collect();
+            let attempts: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].starts_with("Attempt: ") || lines[i].starts_with("Retry: ")).collect();
+            assert!((1..=4).contains(&attempts.len()), "{}", s.solution);
+            counts[attempts.len()] += 1;
+            let value = |l: &str| l.trim_end_matches('.').rsplit("= ").next().unwrap().to_string();
+            for (j, &i) in attempts.iter().enumerate() {
+                let last = j + 1 == attempts.len();
+                // every attempt but the last is wrong and checked; the last is right
+                assert_eq!(value(lines[i]) == s.answer, last, "{}", s.solution);
+                if !last {
+                    assert!(lines[i + 1].starts_with("Check: ") && lines[i + 1] != "Check: every step is right.", "{}", s.solution);
+                    if j > 0 {
+                        assert!(lines[i + 1].contains(", not "), "a retry's mistake is a slip: {}", s.solution);
+                    }
+                }
+            }
+            assert!(lines[lines.len() - 2].starts_with("Verify: "), "{}", s.solution);
+        }
+        // 30% right first; of the retried, 1/2 retry once, 1/4 twice, 1/4 three times (the cap)
+        let retried = (counts[2] + counts[3] + counts[4]) as f32;
+        assert!((1000..1400).contains(&counts[1]), "{counts:?}");
+        for (k, want) in [(2, 0.5), (3, 0.25), (4, 0.25)] {
+            assert!((counts[k] as f32 / retried - want).abs() < 0.04, "{counts:?}");
+        }
+        // the fixed shape is the default, and max_attempts = 2 keeps it whatever p_retry_wrong
+        let fixed = TaskConfig { ops: "+-*".into(), ..Default::default() };
+        let capped = TaskConfig { p_retry_wrong: 1.0, ..fixed.clone() };
+        assert_eq!(generate(&fixed, 7, 300).iter().map(|s| s.solution.matches("Retry").count()).max(), Some(1));
+        assert_eq!(generate(&capped, 7, 300).iter().map(|s| s.solution.matches("Retry").count()).max(), Some(1));
+    }
+
     #[test]
     fn invalid_configs_are_rejected_with_the_reason() {
         let cases = [
@@ -650,6 +729,9 @@ mod tests {
             (TaskConfig { max_operand: 0, ..Default::default() }, "max_operand"),
             (TaskConfig { ops: "+/".into(), ..Default::default() }, "ops"),
             (TaskConfig { p_correct_first: 0.7, p_slip: 0.7, ..Default::default() }, "sum <= 1"),
+            (TaskConfig { max_attempts: 1, ..Default::default() }, "max_attempts"),
+            (TaskConfig { max_attempts: 9, ..Default::default() }, "max_attempts"),
+            (TaskConfig { p_retry_wrong: 1.5, ..Default::default() }, "p_retry_wrong"),
         ];
         for (cfg, want) in cases {
             let e = cfg.validate().unwrap_err().to_string();

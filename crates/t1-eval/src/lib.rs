@@ -91,6 +91,26 @@ pub struct EvalReport {
     /// Sampling temperature (0 = greedy).
     pub temperature: f32,
     pub results: Vec<BudgetResult>,
+    /// Every response as graded at the largest budget, problem by problem (`samples` each);
+    /// written to `samples.jsonl` by `t1 eval`, not to eval.json.
+    #[serde(skip)]
+    pub responses: Vec<Response>,
+}
+
+/// One response as graded at the largest budget (a line of `samples.jsonl`, as lm-eval's
+/// `--log_samples` keeps them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub prompt: String,
+    pub answer: String,
+    /// What was graded: the response, or its cut and the forced answer.
+    pub response: String,
+    pub extracted: Option<String>,
+    pub correct: bool,
+    /// Reasoning tokens used.
+    pub tokens: usize,
+    /// Whether the answer had to be forced.
+    pub forced: bool,
 }
 
 /// Runs the budget sweep for one model: [`sweep`] with the model's seeded generator
@@ -136,7 +156,7 @@ pub fn sweep(
         full.extend(generate(chunk, &sampling));
         bar.inc(chunk.len() as u64);
     }
-    let mut results = vec![];
+    let (mut results, mut responses) = (vec![], vec![]);
     for &budget in &cfg.budgets {
         let read = read_off(&mut generate, tokenizer, &prompts, &full, budget, cfg);
         bar.inc(prompts.len() as u64);
@@ -148,9 +168,20 @@ pub fn sweep(
         let used: Vec<usize> = read.iter().map(|r| r.used).collect();
         let forced = read.iter().filter(|r| r.forced).count();
         results.push(summarise(budget, &grades, &used, forced, cfg.samples, problems, &cfg.grader));
+        if budget == max_budget {
+            responses = read
+                .into_iter()
+                .zip(grades)
+                .enumerate()
+                .map(|(i, (r, g))| {
+                    let p = &problems[i / cfg.samples.max(1)];
+                    Response { prompt: p.prompt.clone(), answer: p.answer.clone(), response: r.text, extracted: g.extracted, correct: g.correct, tokens: r.used, forced: r.forced }
+                })
+                .collect();
+        }
     }
     bar.finish_and_clear();
-    Ok(EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results })
+    Ok(EvalReport { model: name.to_string(), problems: problems.len(), samples: cfg.samples, temperature: cfg.temperature, results, responses })
 }
 
 /// One response as read off at a budget.
@@ -437,7 +468,11 @@ mod tests {
         // (3 and 4 tokens) without an answer. maj: problem 7 votes 7 (right), problem 8 votes 7.
         // budget 10: r1 forced at 10 tokens (right); r2 kept, 10 tokens, right.
         let want = vec![result(4, 0.25, 0.5, 0.5, (3 + 4 + 4 + 4) as f32 / 4.0, 0.5), result(10, 0.5, 1.0, 1.0, (3 + 10 + 10 + 4) as f32 / 4.0, 0.25)];
-        assert_eq!(report, EvalReport { model: "m".into(), problems: 2, samples: 2, temperature: 0.7, results: want });
+        // the responses as graded at the largest budget, in problem order
+        let graded: Vec<(&str, bool, usize, bool)> = report.responses.iter().map(|r| (r.answer.as_str(), r.correct, r.tokens, r.forced)).collect();
+        assert_eq!(graded, [("7", false, 3, false), ("7", true, 10, true), ("8", true, 10, false), ("8", false, 4, false)]);
+        assert_eq!(report.responses[2].extracted.as_deref(), Some("8"));
+        assert_eq!(report, EvalReport { model: "m".into(), problems: 2, samples: 2, temperature: 0.7, results: want, responses: report.responses.clone() });
     }
 
     #[test]
@@ -543,7 +578,7 @@ mod tests {
     #[test]
     fn csv_has_a_header_and_a_row_per_model_and_budget() {
         let path = temp_dir("csv").join("eval.csv");
-        let report = |model: &str, results| EvalReport { model: model.into(), problems: 2, samples: 2, temperature: 0.0, results };
+        let report = |model: &str, results| EvalReport { model: model.into(), problems: 2, samples: 2, temperature: 0.0, results, responses: vec![] };
         let reports = [
             report("sft/final", vec![result(4, 0.25, 0.5, 0.5, 3.75, 0.5), result(10, 0.5, 1.0, 1.0, 6.75, 0.25)]),
             report("lr=1e-5,bs=8/final", vec![result(4, 0.0, 0.0, 0.0, 4.0, 1.0)]),
@@ -581,6 +616,7 @@ mod tests {
             samples: 1,
             temperature: 0.0,
             results: vec![16, 64].into_iter().map(|b| BudgetResult { budget: b, accuracy: b as f32 / 100.0, pass_at_n: 0.0, majority_accuracy: 0.0, mean_tokens: 0.0, forced_fraction: 0.0 }).collect(),
+            responses: vec![],
         };
         plot_budget_curves(&path, &[rep]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
