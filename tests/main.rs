@@ -11,5 +11,6 @@ mod kill;
 mod lora;
 mod model;
 mod save_direction;
+mod serve;
 mod templates;
 mod train;

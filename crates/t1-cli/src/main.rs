@@ -11,6 +11,7 @@ mod eval_cmds;
 mod model_cmds;
 mod plan_cmd;
 mod report;
+mod serve;
 mod train_cmds;
 
 #[derive(Parser)]
@@ -272,6 +273,35 @@ enum Command {
         #[arg(long)]
         answer_pattern: Option<String>,
     },
+    /// Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health) and
+    /// SGLang's /update_weights_from_disk; stops cleanly on Ctrl-C or SIGTERM
+    Serve {
+        /// Checkpoint directory, or a PEFT adapter directory (its base_model_name_or_path is loaded)
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter directory applied on the model
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port (printed on the first line of stdout)
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The model name clients send (default: --model as given)
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Threads each decoding step is split between (CPU engine)
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Most rows (prompts x n) decoded together in one batch
+        #[arg(long, default_value_t = 64)]
+        max_batch_rows: usize,
+        /// Seeds the sampling of requests that give no seed
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "flex")]
+        device: DeviceSpec,
+    },
 }
 
 #[derive(Subcommand)]
@@ -425,6 +455,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { out, quick, seeds, device } => eval_cmds::demo(&out, quick, seeds, &device),
         Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),
         Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),
+        Command::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed, device } => {
+            anyhow::ensure!(max_batch_rows > 0, "--max-batch-rows must be > 0");
+            dispatch(&device, serve::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed })
+        }
     }
 }
 

@@ -119,25 +119,43 @@ pub fn generate<B: FusedOps>(
     pad: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Rollout> {
-    generate_with(model, HostEngine::new(model), 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
+    generate_with(model, HostEngine::new(model), 1, prompts, std::slice::from_ref(cfg), eos, pad, &mut [(0..prompts.len(), rng)])
+}
+
+/// One batch of requests decoded together (`t1 serve`): row `i` is drawn with `cfgs[i]` (its
+/// own temperature, top-p, top-k and `max_new_tokens`; a row that reaches its own budget stops
+/// there, `truncated`) from the stream of the range that holds it, and the batch's steps are
+/// split between `threads` threads on the CPU engine. With one config and one stream it is
+/// [`generate`].
+pub fn generate_rows<B: FusedOps>(
+    model: &Qwen2<B>,
+    prompts: &[Vec<u32>],
+    cfgs: &[SamplingConfig],
+    eos: &[u32],
+    pad: u32,
+    streams: &mut [(Range<usize>, &mut ChaCha8Rng)],
+    threads: usize,
+) -> Vec<Rollout> {
+    assert_eq!(cfgs.len(), prompts.len(), "one sampling config per row");
+    generate_with(model, HostEngine::new(model), threads.max(1), prompts, cfgs, eos, pad, streams)
 }
 
 /// [`generate`] decoding through burn even where the CPU engine would run (benchmarks compare
 /// the two paths).
 pub fn generate_through_burn<B: FusedOps>(model: &Qwen2<B>, prompts: &[Vec<u32>], cfg: &SamplingConfig, eos: &[u32], pad: u32, rng: &mut ChaCha8Rng) -> Vec<Rollout> {
-    generate_with(model, None, 1, prompts, cfg, eos, pad, &mut [(0..prompts.len(), rng)])
+    generate_with(model, None, 1, prompts, std::slice::from_ref(cfg), eos, pad, &mut [(0..prompts.len(), rng)])
 }
 
 /// [`generate`] with the CPU engine for the model made by the caller (`None`: decoding through
 /// burn) and run on `threads` threads, the tokens of the rows in each range drawn from its own
-/// stream.
+/// stream; `cfgs` holds one config for every row, or one per row.
 #[allow(clippy::too_many_arguments)]
 fn generate_with<B: FusedOps>(
     model: &Qwen2<B>,
     engine: Option<HostEngine>,
     threads: usize,
     prompts: &[Vec<u32>],
-    cfg: &SamplingConfig,
+    cfgs: &[SamplingConfig],
     eos: &[u32],
     pad: u32,
     streams: &mut [(Range<usize>, &mut ChaCha8Rng)],
@@ -146,6 +164,8 @@ fn generate_with<B: FusedOps>(
     if b == 0 {
         return vec![];
     }
+    let cfg = |row: usize| if cfgs.len() == 1 { &cfgs[0] } else { &cfgs[row] };
+    let max_steps = (0..b).map(|row| cfg(row).max_new_tokens).max().unwrap_or(0);
     let stream_of: Vec<usize> = (0..b).map(|row| streams.iter().position(|(r, _)| r.contains(&row)).expect("every row has a stream")).collect();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
     // left padding: every prompt ends at the same column, so the next token column is shared
@@ -166,16 +186,18 @@ fn generate_with<B: FusedOps>(
     let mut decoder: Option<Box<dyn Decoder + '_>> = None;
 
     let mut out: Vec<Rollout> = (0..b).map(|_| Rollout { tokens: vec![], logprobs: vec![], truncated: false }).collect();
+    // ended at a stop id; a row that is not ended after its own budget is truncated
     let mut done = vec![false; b];
-    for step in 0..cfg.max_new_tokens {
+    let finished = |row: usize, done: &[bool], out: &[Rollout]| done[row] || out[row].tokens.len() >= cfg(row).max_new_tokens;
+    for step in 0..max_steps {
         let mut step_ids = Vec::with_capacity(b);
         for row in 0..b {
-            if done[row] {
+            if finished(row, &done, &out) {
                 step_ids.push(pad as i64);
                 key_mask[row].push(false);
                 continue;
             }
-            let (tok, lp) = sample(&last[row * vocab..(row + 1) * vocab], cfg, streams[stream_of[row]].1);
+            let (tok, lp) = sample(&last[row * vocab..(row + 1) * vocab], cfg(row), streams[stream_of[row]].1);
             out[row].tokens.push(tok);
             out[row].logprobs.push(lp);
             if eos.contains(&tok) {
@@ -184,7 +206,7 @@ fn generate_with<B: FusedOps>(
             step_ids.push(tok as i64);
             key_mask[row].push(true);
         }
-        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+        if (0..b).all(|row| finished(row, &done, &out)) || step + 1 == max_steps {
             break;
         }
         let positions = next_pos.clone();
@@ -251,11 +273,11 @@ pub fn generate_sharded<B: FusedOps>(
         // shard's own stream (the tokens of decoding the shards on their own threads).
         let mut rngs: Vec<ChaCha8Rng> = shards.iter().map(|(_, seed)| ChaCha8Rng::seed_from_u64(*seed)).collect();
         let mut streams: Vec<_> = shards.iter().map(|(r, _)| r.clone()).zip(rngs.iter_mut()).collect();
-        return generate_with(model, engine, threads, prompts, cfg, eos, pad, &mut streams);
+        return generate_with(model, engine, threads, prompts, std::slice::from_ref(cfg), eos, pad, &mut streams);
     }
     let decode = |m: &Qwen2<B>, (range, seed): (Range<usize>, u64)| {
         let len = range.len();
-        generate_with(m, None, 1, &prompts[range], cfg, eos, pad, &mut [(0..len, &mut ChaCha8Rng::seed_from_u64(seed))])
+        generate_with(m, None, 1, &prompts[range], std::slice::from_ref(cfg), eos, pad, &mut [(0..len, &mut ChaCha8Rng::seed_from_u64(seed))])
     };
     on_threads(model, shards, decode).into_iter().flatten().collect()
 }

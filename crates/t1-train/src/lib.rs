@@ -16,4 +16,4 @@ pub mod sft;
 
 pub use config::{load_config, load_config_text};
 pub use error::TrainError;
-pub use generate::{eval_accuracy, generate, generate_sharded, Rollout, SamplingConfig};
+pub use generate::{eval_accuracy, generate, generate_rows, generate_sharded, Rollout, SamplingConfig};
