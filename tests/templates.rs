@@ -210,6 +210,18 @@ fn generate_with_the_checkpoint_template_equals_transformers() {
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
     for ((p, want), got) in prompts.iter().zip(&expected).zip(&lines) {
         assert_eq!(tok.encode_prompt(p).unwrap(), ids(&want["prompt_ids"]), "{p:?}: prompt ids");
+        assert_eq!(ids(&got["prompt_token_ids"]), ids(&want["prompt_ids"]), "{p:?}: the prompt ids t1 generate used");
         assert_eq!(ids(&got["token_ids"]), ids(&want["response_ids"]), "{p:?}: greedy response ids");
     }
+    // --template-kwargs reaches the template: Qwen3's prompt with enable_thinking=False
+    let mut args = vec!["generate".to_string(), "--model".into(), model.display().to_string(), "--max-new-tokens".into(), "2".into()];
+    args.extend(["--template-kwargs".to_string(), r#"{"enable_thinking": false}"#.to_string(), "--prompt".into(), prompts[0].to_string()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_t1")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    let want = ids(&expected[0]["prompt_ids_enable_thinking_false"]);
+    assert_ne!(want, ids(&expected[0]["prompt_ids"]), "the kwarg must change Qwen3's prompt");
+    assert_eq!(ids(&line["prompt_token_ids"]), want, "t1 generate --template-kwargs must give transformers' prompt with enable_thinking=False");
+    let bad = Command::new(env!("CARGO_BIN_EXE_t1")).args(["generate", "--model"]).arg(&model).args(["--template-kwargs", "[1]", "--prompt", "x"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a JSON object"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

@@ -19,6 +19,8 @@ pub struct Eval {
     pub temperature: Option<f32>,
     pub limit: usize,
     pub out: PathBuf,
+    /// `--template-kwargs`: extra chat-template variables (e.g. enable_thinking)
+    pub template_kwargs: Option<String>,
 }
 
 impl BackendTask for Eval {
@@ -33,6 +35,7 @@ impl BackendTask for Eval {
             let (config, model, tokenizer) = crate::model_cmds::load_model::<B::InnerBackend>(dir, self.adapter.as_deref(), WeightDtype::F32, &device)?;
             let tokenizer = ChatTokenizer::from_file(&tokenizer)
                 .with_context(|| format!("{} needs a tokenizer.json next to its weights", dir.display()))?;
+            let tokenizer = crate::model_cmds::with_template_kwargs(tokenizer, self.template_kwargs.as_deref())?;
             tokenizer.check_model_vocab(config.vocab_size)?;
             let name = model_name(dir);
             // unset flags: the checkpoint's generation_config.json, as t1 generate resolves them
@@ -154,12 +157,12 @@ pub fn demo(out: &Path, quick: bool, seeds: usize, device: &DeviceSpec) -> Resul
     if let Some((_, dir)) = halfway.as_ref().filter(|(_, d)| d.join("config.json").exists()) {
         models.push(dir.clone());
     }
-    let task = Eval { models, adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg.clone(), limit, out: out.to_path_buf() };
+    let task = Eval { models, adapter: None, data: data.join("test.jsonl"), temperature: Some(eval_cfg.temperature), config: eval_cfg.clone(), limit, out: out.to_path_buf(), template_kwargs: None };
     let reports = t1_backends::dispatch(device, task)??;
     // greedy on the test split at the largest budget, for the report's greedy row
     let greedy_cfg = EvalConfig { budgets: vec![max_budget], samples: 1, temperature: 0.0, ..eval_cfg };
     let greedy_out = out.join("greedy");
-    let task = Eval { models: finals, adapter: None, data: data.join("test.jsonl"), temperature: Some(0.0), config: greedy_cfg, limit, out: greedy_out };
+    let task = Eval { models: finals, adapter: None, data: data.join("test.jsonl"), temperature: Some(0.0), config: greedy_cfg, limit, out: greedy_out, template_kwargs: None };
     let greedy = t1_backends::dispatch(device, task)??;
     timings.push(("eval".into(), t.elapsed().as_secs_f32()));
     let runs = crate::report::Runs { sft_dir: &sft_dir, rl_dirs: &rl_dirs, halfway_step: halfway.map(|(s, _)| s) };

@@ -134,6 +134,9 @@ enum Command {
         top_k: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Extra chat-template variables as a JSON object, e.g. '{"enable_thinking": false}'
+        #[arg(long)]
+        template_kwargs: Option<String>,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
     },
@@ -207,6 +210,9 @@ enum Command {
         /// Output directory for eval.json, eval.csv and accuracy_vs_budget.svg
         #[arg(long, default_value = "out/eval")]
         out: PathBuf,
+        /// Extra chat-template variables as a JSON object, e.g. '{"enable_thinking": false}'
+        #[arg(long)]
+        template_kwargs: Option<String>,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
     },
@@ -299,6 +305,9 @@ enum Command {
         /// Seeds the sampling of requests that give no seed
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Extra chat-template variables as a JSON object, e.g. '{"enable_thinking": false}'
+        #[arg(long)]
+        template_kwargs: Option<String>,
         #[arg(long, default_value = "flex")]
         device: DeviceSpec,
     },
@@ -394,9 +403,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             dispatch(&device, model_cmds::Logits { model, adapter, ids, out, dtype })
         }
-        Command::Generate { model, adapter, prompts, max_new_tokens, temperature, top_p, top_k, seed, device } => {
+        Command::Generate { model, adapter, prompts, max_new_tokens, temperature, top_p, top_k, seed, template_kwargs, device } => {
             let sampling = model_cmds::SamplingArgs { temperature, top_p, top_k, max_new_tokens };
-            dispatch(&device, model_cmds::Generate { model, adapter, prompts, sampling, seed })
+            dispatch(&device, model_cmds::Generate { model, adapter, prompts, sampling, seed, template_kwargs })
         }
         Command::Data { command: DataCommand::Synth { out, config, sets } } => train_cmds::synth(&out, config.as_deref(), &sets),
         Command::Data { command: DataCommand::Tokenize { tokenizer, input, output, show, template_kwargs } } => {
@@ -423,13 +432,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { stage, config, sets, device, memory, arch, prompt_tokens, json } => {
             plan_cmd::run(plan_cmd::PlanArgs { stage, config, sets, device, memory, arch, prompt_tokens, json })
         }
-        Command::Eval { model, adapter, data, budgets, samples, temperature, cue, limit, seed, threads, out, device } => {
+        Command::Eval { model, adapter, data, budgets, samples, temperature, cue, limit, seed, threads, out, template_kwargs, device } => {
             let mut config = t1_eval::EvalConfig { budgets, samples: samples.max(1), seed, threads: threads.max(1), ..Default::default() };
             config.budgets.sort_unstable();
             if let Some(cue) = cue {
                 config.forced_answer_cue = cue;
             }
-            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, temperature, limit, out })??;
+            t1_backends::dispatch(&device, eval_cmds::Eval { models: model, adapter, data, config, temperature, limit, out, template_kwargs })??;
             Ok(())
         }
         Command::Bench { command: BenchCommand::Sft { model, batch, seq, steps, threads, dtype, device, activation_checkpointing, lora_r } } => {
@@ -455,9 +464,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo { out, quick, seeds, device } => eval_cmds::demo(&out, quick, seeds, &device),
         Command::Crosscheck { devices, model, batch, len, seed, verbose } => model_cmds::crosscheck(&devices, model.as_deref(), batch, len, seed, verbose),
         Command::Grade { input, output, answer_pattern } => train_cmds::grade(&input, output.as_ref(), answer_pattern),
-        Command::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed, device } => {
+        Command::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed, template_kwargs, device } => {
             anyhow::ensure!(max_batch_rows > 0, "--max-batch-rows must be > 0");
-            dispatch(&device, serve::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed })
+            dispatch(&device, serve::Serve { model, adapter, host, port, served_model_name, threads, max_batch_rows, seed, template_kwargs })
         }
     }
 }

@@ -132,6 +132,21 @@ pub struct Generate {
     pub prompts: Vec<String>,
     pub sampling: SamplingArgs,
     pub seed: u64,
+    /// `--template-kwargs`: extra variables of the chat template (e.g. enable_thinking)
+    pub template_kwargs: Option<String>,
+}
+
+/// `--template-kwargs '{"enable_thinking": false}'`: the JSON object of extra chat-template
+/// variables (transformers' `apply_chat_template(**kwargs)`), applied to `tokenizer`.
+pub fn with_template_kwargs(tokenizer: t1_data::ChatTokenizer, kwargs: Option<&str>) -> Result<t1_data::ChatTokenizer> {
+    match kwargs {
+        None => Ok(tokenizer),
+        Some(k) => {
+            let map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(k).with_context(|| format!("--template-kwargs {k:?} is not a JSON object, e.g. '{{\"enable_thinking\": false}}'"))?;
+            Ok(tokenizer.with_template_kwargs(map))
+        }
+    }
 }
 
 /// Sampling flags; what is unset comes from the checkpoint's generation_config.json.
@@ -163,15 +178,15 @@ impl BackendTask for Generate {
     fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         use rand::SeedableRng;
         let (config, model, tokenizer) = load_model::<B::InnerBackend>(&self.model, self.adapter.as_deref(), WeightDtype::F32, &device)?;
-        let tokenizer = t1_data::ChatTokenizer::from_file(&tokenizer)?;
+        let tokenizer = with_template_kwargs(t1_data::ChatTokenizer::from_file(&tokenizer)?, self.template_kwargs.as_deref())?;
         tokenizer.check_model_vocab(config.vocab_size)?;
         let prompts = self.prompts.iter().map(|p| tokenizer.encode_prompt(p)).collect::<Result<Vec<_>, _>>()?;
         let sampling = self.sampling.resolve(&config)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
         let eos = t1_train::generate::stop_ids(&config, &tokenizer);
         let outs = t1_train::generate(&model, &prompts, &sampling, &eos, tokenizer.pad_id(), &mut rng);
-        for (p, o) in self.prompts.iter().zip(outs) {
-            let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "token_ids": o.tokens, "truncated": o.truncated});
+        for ((p, ids), o) in self.prompts.iter().zip(&prompts).zip(outs) {
+            let line = serde_json::json!({"prompt": p, "response": tokenizer.decode(&o.tokens), "tokens": o.tokens.len(), "token_ids": o.tokens, "prompt_token_ids": ids, "truncated": o.truncated});
             println!("{line}");
         }
         Ok(())
@@ -241,4 +256,34 @@ pub fn crosscheck(devices: &[t1_backends::DeviceSpec], model: Option<&Path>, bat
     }
     anyhow::ensure!(!failed, "the backends disagree beyond the documented tolerances (see the table)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampled(temperature: f32, top_p: f32, top_k: usize) -> t1_train::SamplingConfig {
+        t1_train::SamplingConfig { temperature, top_p, top_k, max_new_tokens: 8 }
+    }
+
+    /// The flags `t1 generate` and `t1 eval` leave unset come from generation_config.json
+    /// (transformers' generate: its values with do_sample, greedy without); set flags win.
+    #[test]
+    fn unset_sampling_flags_come_from_generation_config_and_set_ones_win() {
+        let mut config = Qwen2Config::tiny(64, 16, 1, 2, 1);
+        let unset = SamplingArgs { temperature: None, top_p: None, top_k: None, max_new_tokens: 8 };
+        assert_eq!(unset.resolve(&config).unwrap(), sampled(0.0, 1.0, 0), "no generation_config: greedy");
+        let g: t1_model::GenerationConfig = serde_json::from_str(r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 20}"#).unwrap();
+        config.generation = Some(g);
+        assert_eq!(unset.resolve(&config).unwrap(), sampled(0.6, 0.95, 20), "Qwen3's sampling defaults");
+        let set = SamplingArgs { temperature: Some(0.0), top_p: Some(0.5), top_k: Some(3), max_new_tokens: 8 };
+        assert_eq!(set.resolve(&config).unwrap(), sampled(0.0, 0.5, 3));
+        let partly = SamplingArgs { temperature: Some(1.2), ..unset };
+        assert_eq!(partly.resolve(&config).unwrap(), sampled(1.2, 0.95, 20));
+        let bad = SamplingArgs { top_p: Some(0.0), ..partly };
+        assert!(bad.resolve(&config).unwrap_err().to_string().contains("top_p"));
+        let no_sample: t1_model::GenerationConfig = serde_json::from_str(r#"{"do_sample": false, "temperature": 0.6}"#).unwrap();
+        config.generation = Some(no_sample);
+        assert_eq!(unset.resolve(&config).unwrap(), sampled(0.0, 1.0, 0), "do_sample false: greedy");
+    }
 }

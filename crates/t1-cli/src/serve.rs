@@ -49,6 +49,8 @@ pub struct Serve {
     pub max_batch_rows: usize,
     /// Seeds the streams of requests that give no `seed`.
     pub seed: u64,
+    /// `--template-kwargs`: extra chat-template variables for every chat request
+    pub template_kwargs: Option<String>,
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -670,7 +672,7 @@ impl BackendTask for Serve {
 
     fn run<B: FusedAutodiff>(self, device: B::Device) -> Result<()> {
         let (config, model, tokenizer_path) = crate::model_cmds::load_model::<B::InnerBackend>(&self.model, self.adapter.as_deref(), WeightDtype::F32, &device)?;
-        let tokenizer = ChatTokenizer::from_file(&tokenizer_path)?;
+        let tokenizer = crate::model_cmds::with_template_kwargs(ChatTokenizer::from_file(&tokenizer_path)?, self.template_kwargs.as_deref())?;
         tokenizer.check_model_vocab(config.vocab_size)?;
         let served = self.served_model_name.clone().unwrap_or_else(|| self.model.display().to_string());
         let version = Arc::new(Mutex::new("0".to_string()));

@@ -41,12 +41,7 @@ impl Default for SplitSizes {
 /// trained spans marked.
 pub fn tokenize(tokenizer: &Path, input: &Path, output: &Path, show: usize, kwargs: Option<&str>) -> Result<()> {
     let file = if tokenizer.is_dir() { tokenizer.join("tokenizer.json") } else { tokenizer.to_path_buf() };
-    let mut tok = t1_data::ChatTokenizer::from_file(&file)?;
-    if let Some(k) = kwargs {
-        let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(k).with_context(|| format!("--template-kwargs {k:?} is not a JSON object"))?;
-        tok = tok.with_template_kwargs(map);
-    }
+    let tok = crate::model_cmds::with_template_kwargs(t1_data::ChatTokenizer::from_file(&file)?, kwargs)?;
     let loaded = t1_data::read_sft(input, t1_data::OnBadLine::Error)?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(output).with_context(|| format!("creating {}", output.display()))?);
     let (mut tokens, mut trained) = (0usize, 0usize);
