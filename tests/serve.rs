@@ -125,6 +125,10 @@ fn serve_answers_the_openai_client_as_t1_generate_and_t1_logits_do() {
     println!("served vs recomputed log-probabilities: max |diff| {worst:.2e}");
     assert!(worst <= 1e-4, "served log-probs differ from t1's recomputation by {worst:.2e} > 1e-4");
 
+    let stop = &r["stop"];
+    assert!(stop["stop"].as_str().is_some_and(|s| !s.is_empty()), "{stop}");
+    assert_eq!(stop["text"], stop["want"], "a stop string cuts the text before it: {stop}");
+    assert_eq!(stop["finish_reason"], "stop", "{stop}");
     assert_eq!(r["concurrent"]["answered"], 16, "{}", r["concurrent"]);
     assert_eq!(r["concurrent"]["budgets_kept"], true, "every row keeps its own max_tokens: {}", r["concurrent"]);
     for (what, res) in r["bad"].as_object().unwrap() {
