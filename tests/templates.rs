@@ -225,3 +225,27 @@ fn generate_with_the_checkpoint_template_equals_transformers() {
     let bad = Command::new(env!("CARGO_BIN_EXE_t1")).args(["generate", "--model"]).arg(&model).args(["--template-kwargs", "[1]", "--prompt", "x"]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a JSON object"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// A tokenizer without a chat template (no chat_template in tokenizer_config.json, no
+/// chat_template.jinja) falls back to t1's built-in format with a warning; the checkpoint's
+/// own template gives none.
+#[test]
+fn a_tokenizer_without_a_template_gets_the_builtin_format_and_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    std::fs::copy(qwen3_tokenizer_dir().join("tokenizer.json"), bare.join("tokenizer.json")).unwrap();
+    let input = dir.path().join("chat.jsonl");
+    std::fs::write(&input, r#"{"messages": [{"role": "user", "content": "Compute 1 + 2."}, {"role": "assistant", "content": "3"}]}"#.to_string() + "\n").unwrap();
+    let run = |tok: &std::path::Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_t1")).args(["data", "tokenize", "--tokenizer"]).arg(tok).arg("--input").arg(&input).arg("--output").arg(dir.path().join("out.jsonl")).args(["--show", "1"]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (shown, warned) = run(&bare);
+    assert!(warned.contains("has no chat_template") && warned.contains("built-in"), "{warned}");
+    assert!(shown.contains("<|im_start|>user\nCompute 1 + 2.<|im_end|>") && !shown.contains("<think>"), "the built-in Qwen2.5-style format: {shown}");
+    let (shown, warned) = run(&qwen3_tokenizer_dir());
+    assert!(!warned.contains("has no chat_template"), "{warned}");
+    assert!(shown.contains("<think>"), "Qwen3's own template: {shown}");
+}

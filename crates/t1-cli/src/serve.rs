@@ -476,6 +476,8 @@ async fn shutdown_signal() {
 struct Engine<B: FusedOps> {
     config: Qwen2Config,
     model: Qwen2<B>,
+    /// The CPU engine's packed copy of `model` (None off the host), made once per weights
+    host: Option<t1_cpu::HostEngine>,
     tokenizer: ChatTokenizer,
     stop_ids: Vec<u32>,
     adapter: Option<PathBuf>,
@@ -571,7 +573,7 @@ impl<B: FusedOps> Engine<B> {
             ranges.push(start..prompts.len());
         }
         let mut streams: Vec<_> = ranges.iter().cloned().zip(batch.iter_mut().map(|p| &mut p.rng)).collect();
-        let outs = t1_train::generate_rows(&self.model, &prompts, &cfgs, &self.stop_ids, self.tokenizer.pad_id(), &mut streams, self.threads);
+        let outs = t1_train::generate_rows(&self.model, self.host.clone(), &prompts, &cfgs, &self.stop_ids, self.tokenizer.pad_id(), &mut streams, self.threads);
         drop(streams);
         for (p, range) in batch.into_iter().zip(ranges) {
             let response = self.respond(&p, &outs[range]);
@@ -652,6 +654,7 @@ impl<B: FusedOps> Engine<B> {
         if !same {
             return Err(fail(format!("{} is another architecture than the served model's: serve it with its own t1 serve", dir.display())));
         }
+        self.host = t1_cpu::HostEngine::new(&model);
         self.model = model;
         self.config = config;
         let mut v = self.version.lock().map_err(|_| fail("the weight version lock is poisoned".into()))?;
@@ -702,7 +705,8 @@ impl BackendTask for Serve {
 
         let stop_ids = t1_train::generate::stop_ids(&config, &tokenizer);
         let defaults = Engine::<B::InnerBackend>::defaults(&config);
-        let mut engine = Engine { config, model, tokenizer, stop_ids, adapter: self.adapter.clone(), device, defaults, threads: self.threads.max(1), rng: ChaCha8Rng::seed_from_u64(self.seed), served, version, next_id: 0 };
+        let host = t1_cpu::HostEngine::new(&model);
+        let mut engine = Engine { config, model, host, tokenizer, stop_ids, adapter: self.adapter.clone(), device, defaults, threads: self.threads.max(1), rng: ChaCha8Rng::seed_from_u64(self.seed), served, version, next_id: 0 };
         while let Ok(first) = rx.recv() {
             let mut waiting = vec![first];
             let rows = |jobs: &[Job]| -> usize {
