@@ -93,6 +93,16 @@ fn serve_answers_the_openai_client_as_t1_generate_and_t1_logits_do() {
         assert_eq!(got["finish_reason"], if want["truncated"] == true { "length" } else { "stop" });
     }
 
+    // prompt-major choices: [a, a, b, b], each the greedy chat response of its prompt
+    let multi = r["multi"].as_array().unwrap();
+    assert_eq!(multi.len(), 2 * prompts.len());
+    for (i, c) in multi.iter().enumerate() {
+        let chat = &r["chat"][i / 2];
+        assert_eq!(c["index"], i, "{c}");
+        assert_eq!(ids(&c["prompt_token_ids"]), ids(&chat["prompt_token_ids"]), "choice {i}: its prompt");
+        assert_eq!(ids(&c["token_ids"]), ids(&chat["token_ids"]), "choice {i}: the greedy response of its prompt");
+    }
+
     // n = 4 at temperature 1: t1's own recomputation of each sampled token's log-probability
     let prompt_ids = ids(&r["sampled"]["prompt_ids"]);
     let choices = r["sampled"]["choices"].as_array().unwrap();
@@ -139,10 +149,33 @@ fn serve_answers_the_openai_client_as_t1_generate_and_t1_logits_do() {
     assert_eq!(r["bad"]["unknown_model"]["status"], 404);
     assert_eq!(r["health_after"]["status"], "ok");
 
-    // SGLang's weight update: the version moves; a path without a checkpoint is a 400 and the
-    // old weights keep serving
-    let (status, body) = http(&py, "POST", &format!("{url}/update_weights_from_disk"), Some(&serde_json::json!({"model_path": model}).to_string()));
+    // SGLang's weight update: other weights (every tensor × 1.5) answer as t1 generate does on
+    // them; the version moves; a path without a checkpoint is a 400 and the weights stay
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), other.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let scaled: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec(), f32s(&view).iter().flat_map(|v| (v * 1.5).to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        scaled.iter().map(|(n, shape, data)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())).collect();
+    std::fs::write(other.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_t1")).args(["generate", "--max-new-tokens", "12", "--prompt", prompts[0], "--model"]).arg(&other).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()).unwrap();
+    assert_ne!(ids(&want["token_ids"]), ids(&generated[0]["token_ids"]), "the scaled weights must answer otherwise");
+    let (status, body) = http(&py, "POST", &format!("{url}/update_weights_from_disk"), Some(&serde_json::json!({"model_path": other}).to_string()));
     assert_eq!((status, body["success"].clone()), (200, serde_json::json!(true)), "{body}");
+    let chat = serde_json::json!({"model": "t1-test", "messages": [{"role": "user", "content": prompts[0]}], "temperature": 0, "max_tokens": 12, "return_token_ids": true});
+    let (status, body) = http(&py, "POST", &format!("{url}/v1/chat/completions"), Some(&chat.to_string()));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ids(&body["choices"][0]["token_ids"]), ids(&want["token_ids"]), "after the reload, greedy chat is t1 generate on the new weights");
     let (status, body) = http(&py, "POST", &format!("{url}/update_weights_from_disk"), Some(r#"{"model_path": "/no/such/checkpoint"}"#));
     assert_eq!(status, 400, "{body}");
     let (_, health) = http(&py, "GET", &format!("{url}/health"), None);

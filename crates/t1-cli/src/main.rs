@@ -299,7 +299,7 @@ enum Command {
         /// Threads each decoding step is split between (CPU engine)
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Most rows (prompts x n) decoded together in one batch
+        /// Most rows (prompts x n) decoded together in one batch; a request asking for more is refused
         #[arg(long, default_value_t = 64)]
         max_batch_rows: usize,
         /// Seeds the sampling of requests that give no seed

@@ -45,7 +45,7 @@ pub struct Serve {
     pub served_model_name: Option<String>,
     /// Threads the CPU engine splits each decoding step between.
     pub threads: usize,
-    /// Most rows (prompts × n) decoded in one batch; a larger single request runs alone.
+    /// Most rows (prompts × n) decoded in one batch; a single request asking for more is a 400.
     pub max_batch_rows: usize,
     /// Seeds the streams of requests that give no `seed`.
     pub seed: u64,
@@ -484,6 +484,7 @@ struct Engine<B: FusedOps> {
     device: B::Device,
     defaults: (f32, f32, usize),
     threads: usize,
+    max_batch_rows: usize,
     rng: ChaCha8Rng,
     served: String,
     version: Arc<Mutex<String>>,
@@ -532,6 +533,14 @@ impl<B: FusedOps> Engine<B> {
                 return None;
             }
         };
+        let rows = prompts.len().checked_mul(request.n);
+        if rows.is_none_or(|r| r > self.max_batch_rows) {
+            let _ = reply.send(Err(ApiError::bad(
+                format!("{} prompts × n = {} asks for more rows than this server decodes at once (--max-batch-rows {}): send fewer prompts or a smaller n", prompts.len(), request.n, self.max_batch_rows),
+                Some("n"),
+            )));
+            return None;
+        }
         let context = self.config.max_position_embeddings;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if prompts.iter().any(Vec::is_empty) {
@@ -540,11 +549,11 @@ impl<B: FusedOps> Engine<B> {
         }
         // chat without max_tokens: what the context leaves, as vLLM does
         let max_tokens = request.max_tokens.unwrap_or(context.saturating_sub(longest));
-        if longest + max_tokens > context || max_tokens == 0 {
+        if longest.checked_add(max_tokens).is_none_or(|total| total > context) || max_tokens == 0 {
             let _ = reply.send(Err(ApiError::bad(
                 format!(
                     "This model's maximum context length is {context} tokens. However, you requested {} tokens ({longest} in the prompt, {max_tokens} for the completion). Please reduce the length of the prompt or max_tokens.",
-                    longest + max_tokens
+                    longest.saturating_add(max_tokens)
                 ),
                 Some(if request.chat { "messages" } else { "prompt" }),
             )));
@@ -591,8 +600,18 @@ impl<B: FusedOps> Engine<B> {
             let mut finish = if out.truncated { "length" } else { "stop" };
             let mut text = self.tokenizer.decode(&tokens);
             if let Some(cut) = first_stop(&text, &r.stop) {
-                // the shortest prefix of tokens whose text reaches the stop string
-                let k = (1..=tokens.len()).find(|&k| first_stop(&self.tokenizer.decode(&tokens[..k]), &r.stop).is_some()).unwrap_or(tokens.len());
+                // the shortest prefix of tokens whose text reaches the stop string (holding a stop
+                // is monotone in the prefix length: bisect)
+                let (mut lo, mut hi) = (1, tokens.len());
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if first_stop(&self.tokenizer.decode(&tokens[..mid]), &r.stop).is_some() {
+                        hi = mid;
+                    } else {
+                        lo = mid + 1;
+                    }
+                }
+                let k = hi;
                 tokens.truncate(k);
                 logprobs.truncate(k);
                 text.truncate(cut);
@@ -613,12 +632,13 @@ impl<B: FusedOps> Engine<B> {
             } else {
                 let prefix = if r.echo { p.prompt_texts[prompt_index].clone() } else { String::new() };
                 let lp = r.logprobs.then(|| {
-                    let mut offset = prefix.len();
+                    // in characters, as OpenAI and vLLM count them
+                    let mut offset = prefix.chars().count();
                     let offsets: Vec<usize> = token_texts
                         .iter()
                         .map(|t| {
                             let o = offset;
-                            offset += t.len();
+                            offset += t.chars().count();
                             o
                         })
                         .collect();
@@ -650,15 +670,18 @@ impl<B: FusedOps> Engine<B> {
             && config.num_hidden_layers == self.config.num_hidden_layers
             && config.num_attention_heads == self.config.num_attention_heads
             && config.num_key_value_heads == self.config.num_key_value_heads
-            && config.intermediate_size == self.config.intermediate_size;
+            && config.intermediate_size == self.config.intermediate_size
+            && config.max_position_embeddings == self.config.max_position_embeddings;
         if !same {
             return Err(fail(format!("{} is another architecture than the served model's: serve it with its own t1 serve", dir.display())));
         }
         self.host = t1_cpu::HostEngine::new(&model);
         self.model = model;
+        self.stop_ids = t1_train::generate::stop_ids(&config, &self.tokenizer);
+        self.defaults = Self::defaults(&config);
         self.config = config;
         let mut v = self.version.lock().map_err(|_| fail("the weight version lock is poisoned".into()))?;
-        let next = version.unwrap_or_else(|| (v.parse::<u64>().unwrap_or(0) + 1).to_string());
+        let next = version.unwrap_or_else(|| v.parse::<u64>().unwrap_or(0).saturating_add(1).to_string());
         *v = next;
         eprintln!("t1 serve: loaded {} (weight version {})", dir.display(), *v);
         Ok(json!({"success": true, "message": format!("loaded {}", dir.display()), "weight_version": *v, "num_paused_requests": 0}))
@@ -693,6 +716,7 @@ impl BackendTask for Serve {
             .route("/get_weight_version", get(weight_version))
             .route("/update_weights_from_disk", post(update_weights))
             .fallback(not_found)
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state);
         let http = std::thread::spawn(move || {
             let served = runtime.block_on(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
@@ -706,24 +730,40 @@ impl BackendTask for Serve {
         let stop_ids = t1_train::generate::stop_ids(&config, &tokenizer);
         let defaults = Engine::<B::InnerBackend>::defaults(&config);
         let host = t1_cpu::HostEngine::new(&model);
-        let mut engine = Engine { config, model, host, tokenizer, stop_ids, adapter: self.adapter.clone(), device, defaults, threads: self.threads.max(1), rng: ChaCha8Rng::seed_from_u64(self.seed), served, version, next_id: 0 };
-        while let Ok(first) = rx.recv() {
-            let mut waiting = vec![first];
-            let rows = |jobs: &[Job]| -> usize {
-                jobs.iter()
-                    .map(|j| match j {
-                        Job::Generate(r, _) => r.n * match &r.prompts {
-                            PromptsIn::Texts(v) => v.len(),
-                            PromptsIn::Ids(v) => v.len(),
-                            PromptsIn::Chat(_) => 1,
-                        },
-                        Job::Reload(..) => 0,
-                    })
-                    .sum()
+        let mut engine = Engine { config, model, host, tokenizer, stop_ids, adapter: self.adapter.clone(), device, defaults, threads: self.threads.max(1), max_batch_rows: self.max_batch_rows, rng: ChaCha8Rng::seed_from_u64(self.seed), served, version, next_id: 0 };
+        let job_rows = |j: &Job| -> usize {
+            match j {
+                Job::Generate(r, _) => r.n.saturating_mul(match &r.prompts {
+                    PromptsIn::Texts(v) => v.len(),
+                    PromptsIn::Ids(v) => v.len(),
+                    PromptsIn::Chat(_) => 1,
+                }),
+                Job::Reload(..) => 0,
+            }
+        };
+        // a job that would take the wave past max_batch_rows waits for the next one
+        let mut held: Option<Job> = None;
+        loop {
+            let first = match held.take() {
+                Some(job) => job,
+                None => match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
             };
-            while rows(&waiting) < self.max_batch_rows {
+            let mut rows = job_rows(&first);
+            let mut waiting = vec![first];
+            while rows < self.max_batch_rows {
                 match rx.try_recv() {
-                    Ok(job) => waiting.push(job),
+                    Ok(job) => {
+                        let more = job_rows(&job);
+                        if rows.saturating_add(more) > self.max_batch_rows {
+                            held = Some(job);
+                            break;
+                        }
+                        rows += more;
+                        waiting.push(job);
+                    }
                     Err(_) => break,
                 }
             }
