@@ -295,7 +295,9 @@ pub fn grad_scale(a: &[Quantity], path: &str) -> f32 {
 /// a few ulps of each term, and for `exp(x)` the 3 + 2|x| ulps that Vulkan allows. Using the
 /// observed Δ rather than the log-probs' allowed error keeps the bound tight when that allowed
 /// error is large (it grows with the vocabulary: about 1 nat on Qwen's 151,936). Per masked
-/// token, with `r` = ref − logp, `δr = Δ + 2ε|r|`, ρ = exp(logp − old); the largest over tokens:
+/// token, with `r` = ref − logp, `δr = Δ + 4ε|r|` (the subtraction rounds each side by up to
+/// half an ulp of r; on wgpu k1 used 0.68 of `Δ + 2ε|r|`, so twice that), ρ = exp(logp − old);
+/// the largest over tokens:
 /// - `kl_k1` = −r: `δr`;
 /// - `kl_k2` = r²/2: `(|r| + δr)·δr + ε(16 + 4|r|)·r²` (a GPU's pow is exp2(2·log2 r), tens of
 ///   ulps);
@@ -326,7 +328,7 @@ pub fn forward_allowed(case: &Case, a: &[Quantity], b: &[Quantity], name: &str) 
     let per_token = |k: usize, i: usize| -> Option<f32> {
         let gap = (logp[k] - logp_b[k]).abs();
         let r = case.ref_logp[i] - logp[k];
-        let dr = gap + 2.0 * eps * r.abs();
+        let dr = gap + 4.0 * eps * r.abs();
         let k3 = ((r.exp() - 1.0).abs() + (r + dr).exp() * dr) * dr + eps * ((4.0 + 2.0 * r.abs()) * r.exp() + 2.0 * (r.abs() + 1.0));
         Some(match name {
             "kl_k1" => dr,
